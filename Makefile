@@ -1,0 +1,34 @@
+# The two commands of README.md. Everything they need is installed here, by
+# deploy/install.sh (nginx from the system packages, the project into .venv).
+VENV   := .venv
+ENGINE := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+ARGS   ?=
+
+.PHONY: serve test lint bench install clean
+
+$(VENV)/.installed-$(ENGINE): pyproject.toml deploy/install.sh
+	deploy/install.sh --venv $(VENV) --extras $(ENGINE)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-$(ENGINE)
+	deploy/install.sh --venv $(VENV) --extras $(ENGINE),test
+	touch $@
+
+install: $(VENV)/.installed-$(ENGINE)
+
+serve: $(VENV)/.installed-$(ENGINE)
+	exec $(VENV)/bin/vgate serve $(ARGS)
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
+
+test: lint
+	$(VENV)/bin/pytest -p no:cacheprovider
+
+bench: $(VENV)/.installed-test
+	$(VENV)/bin/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs what vgate needs, the same way for `make` and the Dockerfile:
+#   nginx from the system packages, then the project (editable, so nginx/ and
+#   supervisord.conf are read from this checkout) into a Python environment.
+#
+# usage: deploy/install.sh [--venv DIR] [--extras LIST]
+#   --venv DIR     create/use a virtualenv at DIR (default: .venv); "system" installs
+#                  into the current python (the image, where vLLM comes with the base)
+#   --extras LIST  pip extras, comma separated: cpu (vLLM's CPU build), test
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv="$root/.venv"
+extras=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --venv) venv="$2"; shift 2 ;;
+    --extras) extras="$2"; shift 2 ;;
+    *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  echo "install.sh: installing nginx from the system packages"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nginx >/dev/null
+  # Debian starts the packaged service; vgate runs its own nginx.
+  $sudo service nginx stop >/dev/null 2>&1 || true
+fi
+
+if [ "$venv" = "system" ]; then
+  python=python3
+else
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  python="$venv/bin/python"
+fi
+
+spec="$root"
+[ -z "$extras" ] || spec="$root[$extras]"
+"$python" -m pip install --quiet --disable-pip-version-check -e "$spec"
+
+if [[ ",$extras," == *",cpu,"* ]]; then
+  # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break
+  # `import transformers` beside the CPU torch; text models need none of them.
+  "$python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  "$python" -c "import vllm, transformers" 2>/dev/null \
+    || { echo "install.sh: vllm/transformers do not import in $python" >&2; exit 1; }
+fi
+echo "install.sh: ready ($python)"

@@ -1,0 +1,1 @@
+"""Engine side of vgate: devices and placement, vLLM worker arguments, model sources."""

@@ -1,0 +1,97 @@
+"""What each engine worker runs: vLLM's own OpenAI server, its arguments and environment.
+
+vgate depends on vLLM's CLI flags only; everything it does not know about is
+passed through to every engine unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from engine.placement import Placement, cpu_bind
+
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# GiB of KV cache per CPU engine unless the user set VLLM_CPU_KVCACHE_SPACE.
+DEFAULT_CPU_KVCACHE_GIB = "1"
+
+
+@dataclass(frozen=True)
+class EngineWorker:
+    """Everything needed to exec one engine replica."""
+
+    replica: int
+    port: int
+    device: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def engine_argv(
+    python: str,
+    model: str,
+    port: int,
+    served_model_name: str | None,
+    tensor_parallel_size: int,
+    passthrough: list[str],
+) -> list[str]:
+    """The vLLM server command line; engines listen on loopback only."""
+    argv = [python, "-m", VLLM_SERVER_MODULE, "--model", model]
+    argv += ["--host", "127.0.0.1", "--port", str(port)]
+    if tensor_parallel_size != 1:
+        argv += ["--tensor-parallel-size", str(tensor_parallel_size)]
+    if served_model_name:
+        argv += ["--served-model-name", served_model_name]
+    return argv + passthrough
+
+
+def engine_env(placement: Placement, environ: dict[str, str]) -> dict[str, str]:
+    """Per-replica environment: the replica's GPUs, or its CPU cores and a bounded KV cache."""
+    if placement.device == "cuda":
+        return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, placement.gpus))}
+    return {
+        "CUDA_VISIBLE_DEVICES": "",
+        "VLLM_CPU_OMP_THREADS_BIND": cpu_bind(placement),
+        "VLLM_CPU_KVCACHE_SPACE": environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB),
+    }
+
+
+def build_workers(
+    placements: list[Placement],
+    ports: list[int],
+    python: str,
+    model: str,
+    served_model_name: str | None,
+    tensor_parallel_size: int,
+    passthrough: list[str],
+    environ: dict[str, str],
+) -> list[EngineWorker]:
+    return [
+        EngineWorker(
+            replica=p.replica,
+            port=port,
+            device=p.label,
+            argv=engine_argv(
+                python, model, port, served_model_name, tensor_parallel_size, passthrough
+            ),
+            env=engine_env(p, environ),
+        )
+        for p, port in zip(placements, ports, strict=True)
+    ]
+
+
+def save_workers(workers: list[EngineWorker], path: Path) -> None:
+    """Written once by `vgate serve`; read by each engine launch and by the gateway."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([asdict(w) for w in workers], indent=1))
+    os.replace(tmp, path)
+
+
+def load_workers(path: Path) -> list[EngineWorker]:
+    return [EngineWorker(**w) for w in json.loads(path.read_text())]

@@ -1,0 +1,45 @@
+"""The gateway's aiohttp application: predict, health and metrics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from engine.workers import load_workers
+from gateway import health, metrics
+from gateway.config import Config
+from gateway.engine_client import engine_session
+from gateway.errors import json_errors
+from gateway.predict import routes as predict_routes
+from gateway.state import STATE_FILE, StateReader
+
+# aiohttp's own limit sits above nginx's, so nginx's JSON 413 is what clients see.
+_BODY_SLACK = 64 * 1024
+
+
+def make_app(config: Config, run_dir: Path) -> web.Application:
+    app = web.Application(
+        middlewares=[metrics.track_requests, json_errors],
+        client_max_size=config.max_request_bytes + _BODY_SLACK,
+    )
+    workers = load_workers(run_dir / "engines.json")
+    app["config"] = config
+    app["workers"] = workers
+    app["state"] = StateReader(run_dir / STATE_FILE, {w.replica: w.device for w in workers})
+
+    async def sessions(app: web.Application) -> AsyncIterator[None]:
+        app["engine_session"] = engine_session(str(run_dir / "engines.sock"))
+        # Metrics are scraped from each engine directly, by port.
+        app["direct_session"] = aiohttp.ClientSession()
+        yield
+        await app["engine_session"].close()
+        await app["direct_session"].close()
+
+    app.cleanup_ctx.append(sessions)
+    health.add_routes(app, config.health_route)
+    predict_routes.add_routes(app, config.predict_route)
+    app.router.add_get("/metrics", metrics.metrics_handler)
+    return app

@@ -1,0 +1,48 @@
+"""Health that Vertex and Kubernetes can trust, answered at once from the monitor's state.
+
+200 while at least one engine replica is ready, 503 before that (Vertex keeps
+probing and routes no traffic until 200).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import orjson
+from aiohttp import web
+
+from gateway.state import READY
+
+
+def _answer(request: web.Request, detail: bool) -> web.Response:
+    replicas = request.app["state"].replicas()
+    ready = sum(r.state == READY for r in replicas)
+    body: dict[str, object] = {
+        "status": "ready" if ready else "starting",
+        "ready_replicas": ready,
+        "replicas_total": len(replicas),
+    }
+    if detail:
+        body["replicas"] = [asdict(r) for r in replicas]
+    return web.Response(
+        status=200 if ready else 503,
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers=None if ready else {"Retry-After": "5"},
+    )
+
+
+async def ping_handler(request: web.Request) -> web.Response:
+    return _answer(request, detail=False)
+
+
+async def health_handler(request: web.Request) -> web.Response:
+    return _answer(request, detail=True)
+
+
+def add_routes(app: web.Application, extra_route: str | None) -> None:
+    """/ping, /health and Vertex's AIP_HEALTH_ROUTE."""
+    app.router.add_get("/ping", ping_handler)
+    app.router.add_get("/health", health_handler)
+    if extra_route and extra_route not in ("/ping", "/health"):
+        app.router.add_get(extra_route, health_handler)

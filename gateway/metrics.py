@@ -1,0 +1,141 @@
+"""One Prometheus view of the container: the gateway's own metrics plus every engine's.
+
+The gateway workers share their metrics through prometheus_client's
+multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by `vgate serve`); each engine's
+own /metrics is fetched at scrape time and relabelled with `replica="<i>"`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+
+import aiohttp
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.workers import EngineWorker
+from gateway.state import READY, ReplicaState
+
+REQUESTS = Counter("vgate_requests", "Requests answered by the gateway", ["route", "status"])
+LATENCY = Histogram(
+    "vgate_request_duration_seconds",
+    "Time to answer a request, by route",
+    ["route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+IN_FLIGHT = Gauge(
+    "vgate_requests_in_flight",
+    "Requests being answered, by route",
+    ["route"],
+    multiprocess_mode="livesum",
+)
+UPSTREAM_ERRORS = Counter(
+    "vgate_upstream_errors", "Failed calls from the gateway to the engines", ["kind"]
+)
+SCRAPE_TIMEOUT_S = 2.0
+
+
+@web.middleware
+async def track_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts, times and tracks in-flight requests by route name (bounded label values)."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    start = time.perf_counter()
+    status = 500
+    IN_FLIGHT.labels(route).inc()
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        IN_FLIGHT.labels(route).dec()
+        REQUESTS.labels(route, str(status)).inc()
+        LATENCY.labels(route).observe(time.perf_counter() - start)
+
+
+def relabel(text: str, replica: int) -> list[Metric]:
+    """Parse one engine's exposition and add replica="<i>" to every sample."""
+    families = []
+    for family in text_string_to_metric_families(text):
+        family.samples = [
+            s._replace(labels={**s.labels, "replica": str(replica)}) for s in family.samples
+        ]
+        families.append(family)
+    return families
+
+
+def merge(families: Iterable[Metric]) -> list[Metric]:
+    """One family per name: Prometheus's text format wants a family's samples together."""
+    merged: dict[str, Metric] = {}
+    for family in families:
+        if family.name in merged:
+            merged[family.name].samples.extend(family.samples)
+        else:
+            merged[family.name] = family
+    return list(merged.values())
+
+
+def replica_ready_family(replicas: list[ReplicaState]) -> Metric:
+    family = GaugeMetricFamily(
+        "vgate_replica_ready", "1 when the engine replica is ready", labels=["replica", "device"]
+    )
+    for r in replicas:
+        family.add_metric([str(r.replica), r.device], 1.0 if r.state == READY else 0.0)
+    return family
+
+
+class _Families:
+    """A collector that yields families we already hold."""
+
+    def __init__(self, families: list[Metric]):
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+async def fetch_engine_metrics(
+    session: aiohttp.ClientSession, worker: EngineWorker
+) -> list[Metric]:
+    try:
+        async with session.get(
+            worker.url + "/metrics", timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)
+        ) as resp:
+            if resp.status != 200:
+                raise aiohttp.ClientError(f"status {resp.status}")
+            text = await resp.text()
+    except (aiohttp.ClientError, TimeoutError):
+        UPSTREAM_ERRORS.labels("metrics_scrape").inc()
+        return []
+    return relabel(text, worker.replica)
+
+
+async def exposition(
+    session: aiohttp.ClientSession, workers: list[EngineWorker], replicas: list[ReplicaState]
+) -> bytes:
+    """The whole container's metrics, in Prometheus's text format."""
+    per_engine = await asyncio.gather(*(fetch_engine_metrics(session, w) for w in workers))
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    engine_families = merge(f for families in per_engine for f in families)
+    registry.register(_Families([replica_ready_family(replicas), *engine_families]))
+    return generate_latest(registry)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    app = request.app
+    body = await exposition(app["direct_session"], app["workers"], app["state"].replicas())
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,105 @@
+"""The health monitor: one process that watches every engine replica.
+
+Each second it asks supervisord which engine processes run and each engine's
+/health whether it answers, writes the verdict for the gateway workers, and
+keeps nginx's engines upstream to the ready replicas (rewrite and reload),
+because a starting vLLM accepts connections long before it can answer them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import xmlrpc.client
+from pathlib import Path
+
+import aiohttp
+from supervisor.xmlrpc import SupervisorTransport
+
+from engine.workers import EngineWorker, load_workers
+from gateway.nginx_config import write_upstream
+from gateway.state import READY, STATE_FILE, ReplicaState, classify, write_state
+
+log = logging.getLogger("vgate.monitor")
+
+POLL_INTERVAL_S = 1.0
+HEALTH_TIMEOUT_S = 1.0
+
+
+class Supervisor:
+    """supervisord's XML-RPC interface, over its unix socket."""
+
+    def __init__(self, run_dir: Path):
+        transport = SupervisorTransport(None, None, f"unix://{run_dir}/supervisor.sock")
+        self._proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+    def engine_states(self) -> dict[int, str]:
+        """{replica: supervisord state name} of the engine programs."""
+        infos = self._proxy.supervisor.getAllProcessInfo()
+        return {
+            int(p["name"].rsplit("-", 1)[1]): p["statename"]
+            for p in infos
+            if p["group"] == "engine"
+        }
+
+    def reload_nginx(self) -> None:
+        self._proxy.supervisor.signalProcess("nginx", "HUP")
+
+
+async def engine_healthy(session: aiohttp.ClientSession, worker: EngineWorker) -> bool:
+    try:
+        async with session.get(worker.url + "/health") as resp:
+            return resp.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+async def poll_once(
+    session: aiohttp.ClientSession, supervisor: Supervisor, workers: list[EngineWorker]
+) -> list[ReplicaState]:
+    try:
+        processes = await asyncio.to_thread(supervisor.engine_states)
+    except (OSError, xmlrpc.client.Error) as e:
+        log.warning("supervisord did not answer: %s", e)
+        processes = {}
+    healthy = await asyncio.gather(*(engine_healthy(session, w) for w in workers))
+    return [
+        ReplicaState(w.replica, classify(processes.get(w.replica), ok), w.device)
+        for w, ok in zip(workers, healthy, strict=True)
+    ]
+
+
+async def run(run_dir: Path) -> None:
+    workers = load_workers(run_dir / "engines.json")
+    supervisor = Supervisor(run_dir)
+    applied: set[int] | None = None  # the ready set nginx was last reloaded with
+    previous: dict[int, str] = {}
+    timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while True:
+            replicas = await poll_once(session, supervisor, workers)
+            write_state(run_dir / STATE_FILE, replicas)
+            for r in replicas:
+                if previous.get(r.replica) != r.state:
+                    log.warning("replica %d (%s): %s", r.replica, r.device, r.state)
+            previous = {r.replica: r.state for r in replicas}
+            ready = {r.replica for r in replicas if r.state == READY}
+            if ready != applied:
+                write_upstream(run_dir, workers, ready)
+                try:
+                    await asyncio.to_thread(supervisor.reload_nginx)
+                    applied = ready
+                except (OSError, xmlrpc.client.Error) as e:
+                    # nginx not running yet: it reads the file when it starts; retry.
+                    log.info("nginx reload deferred: %s", e)
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(run(Path(os.environ["VGATE_RUN_DIR"])))
+
+
+if __name__ == "__main__":
+    main()

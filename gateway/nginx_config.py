@@ -1,0 +1,73 @@
+"""Renders nginx's configuration from the template in nginx/.
+
+The engines upstream lives in its own small file so the health monitor can list
+only ready engines and reload nginx: a vLLM engine accepts connections long
+before it can answer, and nginx (open source) has no active health checks.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+
+import jinja2
+
+from engine.workers import EngineWorker
+from gateway.config import Config
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "nginx"
+UPSTREAM_FILE = "engines-upstream.conf"
+
+
+def gateway_socket(run_dir: Path, worker: int) -> Path:
+    return run_dir / f"gateway-{worker}.sock"
+
+
+def _worker_user() -> str | None:
+    """As root, nginx workers drop to www-data when the system has it."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam("www-data")
+    except KeyError:
+        return "root"
+    return "www-data"
+
+
+def render_nginx(config: Config, run_dir: Path, nginx_workers: int = 0) -> str:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    return env.get_template("nginx.conf.j2").render(
+        user=_worker_user(),
+        nginx_workers=nginx_workers or "auto",
+        run_dir=run_dir,
+        listen=f"{host}:{config.port}",
+        max_request_bytes=config.max_request_bytes,
+        read_timeout=int(config.request_timeout),
+        gateway_sockets=[gateway_socket(run_dir, k) for k in range(config.gateway_workers)],
+    )
+
+
+def render_upstream(workers: list[EngineWorker], ready: set[int]) -> str:
+    """Server lines of the engines upstream; engines not ready are marked down."""
+    lines = [
+        f"server 127.0.0.1:{w.port} max_fails=1 fail_timeout=5s"
+        + ("" if w.replica in ready else " down")
+        + ";  # replica "
+        + str(w.replica)
+        for w in workers
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_upstream(run_dir: Path, workers: list[EngineWorker], ready: set[int]) -> None:
+    tmp = run_dir / (UPSTREAM_FILE + ".tmp")
+    tmp.write_text(render_upstream(workers, ready))
+    os.replace(tmp, run_dir / UPSTREAM_FILE)

@@ -1,0 +1,1 @@
+"""Vertex AI's predict protocol: {"instances": [...]} in, {"predictions": [...]} out."""

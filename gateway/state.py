@@ -1,0 +1,73 @@
+"""Replica health as the monitor saw it last, shared with every gateway worker by a file.
+
+One process (the monitor) polls the engines; K gateway workers read its verdict,
+so /ping and /health answer at once, never by waiting on an engine.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import orjson
+
+STATE_FILE = "state.json"
+# The monitor writes every second; older than this, it is not reporting.
+STALE_AFTER_S = 10.0
+
+STARTING, READY, DOWN = "starting", "ready", "down"
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    replica: int
+    state: str
+    device: str
+
+
+def classify(process_state: str | None, healthy: bool) -> str:
+    """A replica's state from supervisord's process state and the engine's /health."""
+    if process_state == "RUNNING" and healthy:
+        return READY
+    if process_state in ("STARTING", "RUNNING"):
+        return STARTING
+    return DOWN
+
+
+def write_state(path: Path, replicas: list[ReplicaState], now: float | None = None) -> None:
+    body = {"updated": time.time() if now is None else now}
+    body["replicas"] = [asdict(r) for r in replicas]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps(body))
+    os.replace(tmp, path)
+
+
+class StateReader:
+    """Re-reads the state file only when it changed; cheap enough for every request."""
+
+    def __init__(self, path: Path, devices: dict[int, str]):
+        self._path = path
+        self._devices = devices
+        self._mtime_ns = -1
+        self._updated = 0.0
+        self._replicas: list[ReplicaState] = []
+
+    def replicas(self, now: float | None = None) -> list[ReplicaState]:
+        try:
+            mtime = self._path.stat().st_mtime_ns
+            if mtime != self._mtime_ns:
+                body = orjson.loads(self._path.read_bytes())
+                self._replicas = [ReplicaState(**r) for r in body["replicas"]]
+                self._updated = body["updated"]
+                self._mtime_ns = mtime
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if (time.time() if now is None else now) - self._updated > STALE_AFTER_S:
+            # No fresh verdict: say so rather than repeat an old "ready".
+            return [ReplicaState(i, STARTING, d) for i, d in sorted(self._devices.items())]
+        return self._replicas
+
+    def ready_count(self) -> int:
+        return sum(r.state == READY for r in self.replicas())

@@ -1,0 +1,47 @@
+"""Entry point of supervisord's gateway program: gateway worker K on its unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from gateway.app import make_app
+from gateway.config import Config
+from gateway.nginx_config import gateway_socket
+
+
+async def serve(worker: int, run_dir: Path) -> None:
+    config = Config.load(run_dir / "config.json")
+    runner = web.AppRunner(
+        make_app(config, run_dir),
+        handler_cancellation=True,  # a client that goes away cancels its engine calls
+        shutdown_timeout=config.stop_grace,
+        access_log=None,  # nginx logs every request
+    )
+    await runner.setup()
+    path = gateway_socket(run_dir, worker)
+    path.unlink(missing_ok=True)
+    await web.UnixSite(runner, str(path)).start()
+    os.chmod(path, 0o666)  # nginx workers may run as another user
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def main(argv: list[str]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    uvloop.run(serve(int(argv[1]), Path(os.environ["VGATE_RUN_DIR"])))
+
+
+if __name__ == "__main__":
+    main(sys.argv)
