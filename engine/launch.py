@@ -19,6 +19,8 @@ def main(argv: list[str]) -> None:
     plan = Path(os.environ["VGATE_RUN_DIR"]) / "engines.json"
     worker = load_workers(plan)[replica]
     env = {**os.environ, **worker.env}
+    # vLLM must serve its own metrics on its own /metrics, not into a shared dir.
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     os.execvpe(worker.argv[0], worker.argv, env)
 
 

@@ -80,6 +80,7 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
     prom_dir = run_dir / "prometheus"
     shutil.rmtree(prom_dir, ignore_errors=True)
     prom_dir.mkdir()
+    (run_dir / "nginx").mkdir(exist_ok=True)
 
     workers = build_workers(
         placements,
@@ -110,7 +111,6 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
         "VGATE_REPLICAS": str(len(workers)),
         "VGATE_GATEWAY_WORKERS": str(config.gateway_workers),
         "VGATE_STOP_GRACE": str(config.stop_grace),
-        "PROMETHEUS_MULTIPROC_DIR": str(prom_dir),
         "PYTHONUNBUFFERED": "1",
     }
     devices = ", ".join(w.device for w in workers)
