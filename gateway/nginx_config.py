@@ -25,14 +25,13 @@ def gateway_socket(run_dir: Path, worker: int) -> Path:
 
 
 def _worker_user() -> str | None:
-    """As root, nginx workers drop to www-data when the system has it."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        pwd.getpwnam("www-data")
-    except KeyError:
-        return "root"
-    return "www-data"
+    """nginx workers run as the user that runs vgate.
+
+    They connect to the gateways' unix sockets in the run dir, which may sit
+    below a directory only that user can enter; as root nginx would otherwise
+    drop to an unprivileged user that cannot.
+    """
+    return pwd.getpwuid(os.geteuid()).pw_name if os.geteuid() == 0 else None
 
 
 def render_nginx(config: Config, run_dir: Path, nginx_workers: int = 0) -> str:

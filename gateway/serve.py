@@ -74,7 +74,6 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
 
     run_dir = Path(config.run_dir or tempfile.mkdtemp(prefix="vgate-"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    run_dir.chmod(0o755)
     for stale in ("state.json", "engines-upstream.conf"):
         (run_dir / stale).unlink(missing_ok=True)
     prom_dir = run_dir / "prometheus"

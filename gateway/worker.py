@@ -29,7 +29,6 @@ async def serve(worker: int, run_dir: Path) -> None:
     path = gateway_socket(run_dir, worker)
     path.unlink(missing_ok=True)
     await web.UnixSite(runner, str(path)).start()
-    os.chmod(path, 0o666)  # nginx workers may run as another user
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

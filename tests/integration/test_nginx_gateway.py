@@ -1,0 +1,144 @@
+"""The real nginx on a rendered config, in front of a real gateway worker, no engine yet.
+
+What must hold before any engine is ready: JSON answers for every error, the
+limits, request ids, and an internal listener that is not on the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from gateway.config import resolve
+from gateway.serve import prepare
+from tests.helpers import free_port, stop_tree, wait_for
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, list]]:
+    run_dir = tmp_path_factory.mktemp("run")
+    port = free_port()
+    config = resolve(
+        [
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--run-dir",
+            str(run_dir),
+            "--max-request-bytes",
+            "100000",
+        ],
+        {},
+    )
+    _, env = prepare(config, dict(os.environ))
+    procs = [
+        subprocess.Popen(
+            [env["VGATE_NGINX"], "-c", str(run_dir / "nginx.conf")], env=env, start_new_session=True
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "gateway.worker", "0"], env=env, start_new_session=True
+        ),
+    ]
+    base = f"http://127.0.0.1:{port}"
+    wait_for(
+        lambda: _status(base + "/health")[2].get("status") == "starting",
+        30,
+        "nginx and the gateway to answer",
+    )
+    yield base, run_dir, procs
+    for proc in procs:
+        stop_tree(proc)
+
+
+def _status(
+    url: str, data: bytes | None = None, headers: dict | None = None
+) -> tuple[int, dict, dict]:
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, dict(resp.headers), json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read() or b"null")
+    except (urllib.error.URLError, ConnectionError):
+        return 0, {}, {}
+
+
+def test_rendered_config_passes_nginx_t(front) -> None:
+    _, run_dir, _ = front
+    nginx = "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else "nginx"
+    result = subprocess.run(
+        [nginx, "-t", "-c", str(run_dir / "nginx.conf")], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_health_says_starting_with_503(front) -> None:
+    base, _, _ = front
+    status, headers, body = _status(base + "/health")
+    assert status == 503 and body["status"] == "starting" and headers["Retry-After"] == "5"
+    assert [r["state"] for r in body["replicas"]] == ["starting", "starting"]
+
+
+def test_every_answer_has_a_request_id_and_keeps_the_clients(front) -> None:
+    base, _, _ = front
+    assert len(_status(base + "/ping")[1]["X-Request-Id"]) == 32
+    assert _status(base + "/ping", headers={"X-Request-Id": "abc-1"})[1]["X-Request-Id"] == "abc-1"
+
+
+def test_openai_routes_without_a_ready_engine_get_json_503(front) -> None:
+    base, _, _ = front
+    status, headers, body = _status(base + "/v1/models")
+    assert status == 503 and body["error"]["status"] == "UNAVAILABLE"
+    assert headers["Retry-After"] == "5"
+
+
+def test_predict_without_a_ready_engine_gets_json_503(front) -> None:
+    base, _, _ = front
+    status, _, body = _status(base + "/predict", b'{"instances": [{"prompt": "a"}]}')
+    assert status == 503 and body["error"]["message"].startswith("instances[0]:")
+
+
+def test_body_over_the_limit_gets_json_413(front) -> None:
+    base, _, _ = front
+    for route in ("/predict", "/v1/completions"):
+        status, _, body = _status(base + route, b"x" * 100_001)
+        assert status == 413 and body["error"]["code"] == 413, route
+
+
+@pytest.mark.parametrize(
+    ("route", "data", "status"),
+    [
+        ("/nope", None, 404),
+        ("/predict", b"{bad", 400),
+        ("/predict", b"{}", 400),
+        ("/ping", b"{}", 405),
+    ],
+)
+def test_bad_requests_get_json_errors(front, route: str, data: bytes | None, status: int) -> None:
+    base, _, _ = front
+    got, headers, body = _status(base + route, data)
+    assert got == status and body["error"]["code"] == status
+    assert headers["Content-Type"].startswith("application/json")
+
+
+def test_internal_listener_is_a_unix_socket_only(front) -> None:
+    base, run_dir, procs = front
+    nginx = psutil.Process(procs[0].pid)
+    ports = {
+        c.laddr.port
+        for p in [nginx, *nginx.children()]
+        for c in p.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    }
+    assert ports == {int(base.rsplit(":", 1)[1])}
+    assert (run_dir / "engines.sock").is_socket()

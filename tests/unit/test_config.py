@@ -1,0 +1,92 @@
+"""Configuration: precedence, pass-through of engine flags, clear errors."""
+
+import pytest
+
+from gateway.config import Config, ConfigError, resolve
+
+
+def test_defaults() -> None:
+    config = resolve([], {})
+    assert config == Config()
+    assert config.port == 8080 and config.model is None and config.engine_args == []
+
+
+def test_flag_beats_vgate_env_beats_aip_env() -> None:
+    env = {"VGATE_PORT": "9000", "AIP_HTTP_PORT": "7080"}
+    assert resolve(["--port", "9100"], env).port == 9100
+    assert resolve([], env).port == 9000
+    assert resolve([], {"AIP_HTTP_PORT": "7080"}).port == 7080
+
+
+def test_model_from_aip_storage_uri_then_model_id() -> None:
+    assert resolve([], {"AIP_STORAGE_URI": "gs://b/m", "MODEL_ID": "org/x"}).model == "gs://b/m"
+    assert resolve([], {"MODEL_ID": "org/x"}).model == "org/x"
+    assert resolve([], {"AIP_STORAGE_URI": "", "MODEL_ID": "org/x"}).model == "org/x"
+    assert resolve(["--model", "/m"], {"MODEL_ID": "org/x"}).model == "/m"
+
+
+def test_vertex_routes() -> None:
+    env = {
+        "AIP_HEALTH_ROUTE": "/v1/endpoints/1/deployedModels/2",
+        "AIP_PREDICT_ROUTE": "/p:predict",
+    }
+    config = resolve([], env)
+    assert config.health_route == "/v1/endpoints/1/deployedModels/2"
+    assert config.predict_route == "/p:predict"
+
+
+def test_unknown_flags_pass_through_in_both_forms() -> None:
+    config = resolve(
+        [
+            "--max-model-len",
+            "512",
+            "--port=7080",
+            "--gpu-memory-utilization=0.9",
+            "--enforce-eager",
+            "--",
+            "--seed",
+            "3",
+        ],
+        {},
+    )
+    assert config.port == 7080
+    assert config.engine_args == [
+        "--max-model-len",
+        "512",
+        "--gpu-memory-utilization=0.9",
+        "--enforce-eager",
+        "--seed",
+        "3",
+    ]
+
+
+def test_google_style_equals_forms() -> None:
+    config = resolve(["--host=127.0.0.1", "--model=org/m", "--tensor-parallel-size=2"], {})
+    assert (config.host, config.model, config.tensor_parallel_size) == ("127.0.0.1", "org/m", 2)
+
+
+def test_no_prefix_abbreviations() -> None:
+    # "--max" must not be taken for --max-request-bytes: it is an engine flag.
+    assert resolve(["--max", "1"], {}).engine_args == ["--max", "1"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["--port", "http"], {}, "--port"),
+        (["--port", "70000"], {}, "--port"),
+        ([], {"AIP_HTTP_PORT": "x"}, "AIP_HTTP_PORT"),
+        (["--replicas", "0"], {}, "--replicas"),
+        (["--device", "tpu"], {}, "--device"),
+        (["--request-timeout", "-1"], {}, "--request-timeout"),
+    ],
+)
+def test_bad_values_name_their_source(argv: list[str], env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        resolve(argv, env)
+
+
+def test_save_and_load_round_trip(tmp_path) -> None:
+    config = resolve(["--port", "9", "--max-model-len", "5"], {"AIP_PREDICT_ROUTE": "/x"})
+    config.save(tmp_path / "c.json")
+    assert Config.load(tmp_path / "c.json") == config

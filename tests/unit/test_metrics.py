@@ -1,0 +1,46 @@
+"""Engine metrics relabelled per replica and merged into one valid exposition."""
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.metrics import _Families, merge, relabel, replica_ready_family
+from gateway.state import ReplicaState
+
+ENGINE = """# HELP vllm:num_requests_running Number of requests running.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+# HELP vllm:generation_tokens_total Generated tokens.
+# TYPE vllm:generation_tokens_total counter
+vllm:generation_tokens_total{engine="0",model_name="m"} 10.0
+"""
+
+
+def _render(families) -> str:
+    registry = CollectorRegistry()
+    registry.register(_Families(families))
+    return generate_latest(registry).decode()
+
+
+def test_every_sample_gets_its_replica_and_families_appear_once() -> None:
+    text = _render(merge([*relabel(ENGINE, 0), *relabel(ENGINE.replace("3.0", "5.0"), 1)]))
+    assert text.count("# TYPE vllm:num_requests_running gauge") == 1
+    samples = {
+        (s.name, s.labels["replica"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("vllm:num_requests_running", "0")] == 3.0
+    assert samples[("vllm:num_requests_running", "1")] == 5.0
+    assert samples[("vllm:generation_tokens_total", "1")] == 10.0
+
+
+def test_replica_ready_gauge() -> None:
+    text = _render(
+        [
+            replica_ready_family(
+                [ReplicaState(0, "ready", "cpu:0"), ReplicaState(1, "down", "cpu:1")]
+            )
+        ]
+    )
+    assert 'vgate_replica_ready{device="cpu:0",replica="0"} 1.0' in text
+    assert 'vgate_replica_ready{device="cpu:1",replica="1"} 0.0' in text

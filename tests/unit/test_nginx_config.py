@@ -1,0 +1,29 @@
+"""The rendered nginx configuration (checked by nginx itself in tests/integration)."""
+
+from engine.placement import plan
+from engine.workers import build_workers
+from gateway.config import resolve
+from gateway.nginx_config import render_nginx, render_upstream
+
+
+def test_front_door_and_internal_listener(tmp_path) -> None:
+    text = render_nginx(resolve(["--port", "7080", "--gateway-workers", "3"], {}), tmp_path)
+    assert "listen 0.0.0.0:7080" in text
+    assert f"listen unix:{tmp_path}/engines.sock;" in text
+    assert text.count("server unix:") == 3
+    assert "least_conn;" in text and "zone engines" in text
+    assert "keepalive_timeout 4s;" in text  # below vLLM's 5 s
+    assert "proxy_buffering off;" in text
+    assert "client_max_body_size 1572864;" in text
+    assert "proxy_read_timeout 600s;" in text
+
+
+def test_ipv6_host_is_bracketed(tmp_path) -> None:
+    assert "listen [::]:8080" in render_nginx(resolve(["--host", "::"], {}), tmp_path)
+
+
+def test_upstream_lists_ready_engines_and_marks_the_rest_down() -> None:
+    workers = build_workers(plan("cpu", [], [0, 1]), [9001, 9002], "py", "m", None, 1, [], {})
+    lines = render_upstream(workers, ready={1}).splitlines()
+    assert lines[0].startswith("server 127.0.0.1:9001") and " down;" in lines[0]
+    assert lines[1].startswith("server 127.0.0.1:9002") and " down;" not in lines[1]

@@ -1,0 +1,33 @@
+"""Replica states, and the file the monitor shares them through."""
+
+import time
+
+import pytest
+
+from gateway.state import DOWN, READY, STARTING, ReplicaState, StateReader, classify, write_state
+
+
+@pytest.mark.parametrize(
+    ("process", "healthy", "state"),
+    [
+        ("RUNNING", True, READY),
+        ("RUNNING", False, STARTING),
+        ("STARTING", False, STARTING),
+        ("BACKOFF", False, DOWN),
+        ("EXITED", True, DOWN),
+        (None, True, DOWN),
+    ],
+)
+def test_classify(process: str | None, healthy: bool, state: str) -> None:
+    assert classify(process, healthy) == state
+
+
+def test_reader_sees_new_state_and_distrusts_a_stale_one(tmp_path) -> None:
+    path = tmp_path / "state.json"
+    reader = StateReader(path, {0: "cpu:0", 1: "cpu:1"})
+    assert [r.state for r in reader.replicas()] == [STARTING, STARTING]  # no file yet
+    write_state(path, [ReplicaState(0, READY, "cpu:0"), ReplicaState(1, DOWN, "cpu:1")])
+    assert reader.ready_count() == 1
+    old = time.time() - 60
+    write_state(path, [ReplicaState(0, READY, "cpu:0"), ReplicaState(1, READY, "cpu:1")], now=old)
+    assert reader.ready_count() == 0  # the monitor stopped reporting: not ready
