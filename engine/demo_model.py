@@ -12,7 +12,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from unittest import mock
+
+if TYPE_CHECKING:  # torch is imported lazily: importing this module should stay cheap
+    import torch
 
 DEMO_MODEL_NAME = "vgate-demo"
 # Bump when any output byte changes, so caches built by older code are not reused.
@@ -35,13 +39,10 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 # Plain role headers; the BOS comes from the template because vLLM renders chat prompts
 # without adding special tokens. Unknown roles fail loudly instead of being rendered.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
+    "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('Roles must be system, user or assistant') }}"
-    "{% endif %}"
-    "### {{ message['role'] }}:\n{{ message['content'] }}{{ eos_token }}\n"
-    "{% endfor %}"
+    "{{ raise_exception('Roles must be system, user or assistant') }}{% endif %}"
+    "### {{ message['role'] }}:\n{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
     "{% if add_generation_prompt %}### assistant:\n{% endif %}"
 )
 
@@ -100,15 +101,9 @@ def _tokenizer_json() -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    saved = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read on every call, unlike RAYON_NUM_THREADS
-    try:
+    # Read on every call (unlike RAYON_NUM_THREADS, fixed when rayon's pool first starts).
+    with mock.patch.dict(os.environ, {"TOKENIZERS_PARALLELISM": "false"}):
         tokenizer.train_from_iterator(_CORPUS.split("\n\n"), trainer=trainer)
-    finally:
-        if saved is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = saved
     if tokenizer.get_vocab_size() != VOCAB_SIZE:
         raise RuntimeError(f"corpus too small for {VOCAB_SIZE} tokens")
     # Like Llama: plain encodes (e.g. /v1/completions) start with BOS.
@@ -118,7 +113,7 @@ def _tokenizer_json() -> str:
     return tokenizer.to_str(pretty=True)
 
 
-def _random(gen: Any, shape: tuple[int, ...]) -> Any:
+def _random(gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
     """Near-normal bf16 noise from integers only (sum of 4 uniforms), so identical on any CPU.
 
     torch.normal's vectorised kernels may differ in the last bit between AVX2 and AVX-512.
@@ -130,30 +125,21 @@ def _random(gen: Any, shape: tuple[int, ...]) -> Any:
     return ((ints - 8190).to(torch.float32) * (INIT_STD / std)).to(torch.bfloat16)
 
 
-def _weights() -> dict[str, Any]:
+def _weights() -> dict[str, torch.Tensor]:
     """Seeded tensors under the exact Hugging Face Llama names; norms are ones."""
     import torch
 
-    gen = torch.Generator().manual_seed(SEED)
-    h, kv = HIDDEN_SIZE, NUM_KV_HEADS * HEAD_DIM
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (VOCAB_SIZE, h),
-        "lm_head.weight": (VOCAB_SIZE, h),
-    }
+    h, kv, ff = HIDDEN_SIZE, NUM_KV_HEADS * HEAD_DIM, INTERMEDIATE_SIZE
+    attn = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h)}
+    mlp = {"gate_proj": (ff, h), "up_proj": (ff, h), "down_proj": (h, ff)}
+    shapes = {"model.embed_tokens.weight": (VOCAB_SIZE, h), "lm_head.weight": (VOCAB_SIZE, h)}
+    shapes["model.norm.weight"] = (h,)
     for i in range(NUM_LAYERS):
         p = f"model.layers.{i}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (h, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (INTERMEDIATE_SIZE, h),
-            p + "mlp.up_proj.weight": (INTERMEDIATE_SIZE, h),
-            p + "mlp.down_proj.weight": (h, INTERMEDIATE_SIZE),
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-        }
-    shapes["model.norm.weight"] = (h,)
+        shapes |= {f"{p}self_attn.{name}.weight": shape for name, shape in attn.items()}
+        shapes |= {f"{p}mlp.{name}.weight": shape for name, shape in mlp.items()}
+        shapes |= {f"{p}{n}.weight": (h,) for n in ("input_layernorm", "post_attention_layernorm")}
+    gen = torch.Generator().manual_seed(SEED)  # drawn in sorted-name order, as saved
     return {
         name: torch.ones(shape, dtype=torch.bfloat16) if len(shape) == 1 else _random(gen, shape)
         for name, shape in sorted(shapes.items())
@@ -161,8 +147,7 @@ def _weights() -> dict[str, Any]:
 
 
 def _config() -> dict[str, Any]:
-    """A Llama config; both old and new key spellings so transformers 4 and 5 read it alike."""
-    rope_theta = 10000.0
+    """A Llama config in the classic spelling, which transformers 4 and 5 and vLLM all read."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -176,15 +161,9 @@ def _config() -> dict[str, Any]:
         "max_position_embeddings": MAX_POSITIONS,
         "hidden_act": "silu",
         "rms_norm_eps": 1e-5,
-        "rope_theta": rope_theta,
-        "rope_parameters": {"rope_theta": rope_theta, "rope_type": "default"},
-        "attention_bias": False,
-        "mlp_bias": False,
-        "initializer_range": INIT_STD,
+        "rope_theta": 10000.0,
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
-        "dtype": "bfloat16",
-        "use_cache": True,
         "bos_token_id": BOS_ID,
         "eos_token_id": EOS_ID,
         "pad_token_id": PAD_ID,
@@ -198,20 +177,15 @@ def write_demo_model(target: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     tokens = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
     ids = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+    tokenizer_config = tokens | {"tokenizer_class": "PreTrainedTokenizerFast"}
+    tokenizer_config |= {"model_max_length": MAX_POSITIONS, "chat_template": CHAT_TEMPLATE}
+    tokenizer_config["clean_up_tokenization_spaces"] = False  # decoding must round-trip text
     files = {
         "config.json": _json_bytes(_config()),
         "generation_config.json": _json_bytes(ids),
         "special_tokens_map.json": _json_bytes(tokens),
         "tokenizer.json": (_tokenizer_json() + "\n").encode(),
-        "tokenizer_config.json": _json_bytes(
-            tokens
-            | {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "model_max_length": MAX_POSITIONS,
-                "clean_up_tokenization_spaces": False,
-                "chat_template": CHAT_TEMPLATE,
-            }
-        ),
+        "tokenizer_config.json": _json_bytes(tokenizer_config),
     }
     for name, data in files.items():
         (target / name).write_bytes(data)

@@ -1,0 +1,100 @@
+"""The whole stack, started once per session: `vgate serve`, 2 CPU replicas, the demo model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.workers import EngineWorker, load_workers
+from tests.helpers import free_port, stop_tree, wait_for
+
+STARTUP_DEADLINE_S = 600
+
+
+@dataclass
+class Stack:
+    proc: subprocess.Popen
+    base: str
+    run_dir: Path
+    log: Path
+    pings: list[int] = field(default_factory=list)
+
+    def workers(self) -> list[EngineWorker]:
+        return load_workers(self.run_dir / "engines.json")
+
+    def request(
+        self, path: str, body: object | None = None, timeout: float = 60
+    ) -> tuple[int, object]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.base + path, data=data, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                raw = resp.read()
+                status = resp.status
+        except urllib.error.HTTPError as e:
+            raw, status = e.read(), e.code
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return 0, None
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw.decode(errors="replace")
+
+    def metrics(self) -> dict[tuple[str, str], float]:
+        """{(sample name, replica): value summed over other labels} from the front door."""
+        with urllib.request.urlopen(self.base + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        totals: dict[tuple[str, str], float] = defaultdict(float)
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                totals[(s.name, s.labels.get("replica", ""))] += s.value
+        return totals
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    run_dir = tmp_path_factory.mktemp("stack")
+    log = run_dir / "stack.log"
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "gateway.cli", "serve",
+        "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(run_dir),
+        "--replicas", "2", "--gateway-workers", "2", "--stop-grace", "20",
+        "--max-model-len", "1024",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    s = Stack(proc, f"http://127.0.0.1:{port}", run_dir, log)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"vgate serve exited {proc.returncode}:\n{s.log_tail()}")
+        status, _ = s.request("/ping", timeout=5)
+        s.pings.append(status)
+        return status == 200
+
+    def all_ready() -> bool:
+        status, body = s.request("/health", timeout=5)
+        return status == 200 and body["ready_replicas"] == 2
+
+    try:
+        wait_for(ready, STARTUP_DEADLINE_S, "/ping to say 200", every=0.5)
+        wait_for(all_ready, STARTUP_DEADLINE_S, "both replicas to be ready")
+        yield s
+    finally:
+        stop_tree(proc)

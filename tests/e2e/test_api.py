@@ -1,0 +1,123 @@
+"""The stack serves for real: OpenAI API through nginx, Vertex predict, health, metrics."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import openai
+import pytest
+
+from tests.e2e.conftest import Stack
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base + "/v1", api_key="unused", timeout=60)
+
+
+def test_ping_said_503_until_an_engine_was_ready(stack: Stack) -> None:
+    answered = [s for s in stack.pings if s]  # 0: nothing listening yet
+    assert answered[0] == 503 and answered[-1] == 200
+    assert set(answered[: answered.index(200)]) == {503}
+
+
+def test_health_lists_each_replica_ready_with_its_device(stack: Stack) -> None:
+    status, body = stack.request("/health")
+    assert status == 200 and body["status"] == "ready"
+    assert body["replicas"] == [
+        {"replica": 0, "state": "ready", "device": "cpu:0"},
+        {"replica": 1, "state": "ready", "device": "cpu:1"},
+    ]
+
+
+def test_models_lists_the_demo_model(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == ["vgate-demo"]
+
+
+@pytest.mark.parametrize("model", ["", "vgate-demo"])
+def test_completion(client: openai.OpenAI, model: str) -> None:
+    out = client.completions.create(model=model, prompt="Once upon", max_tokens=5)
+    assert out.choices[0].text and out.usage.completion_tokens == 5
+
+
+def test_chat(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(
+        model="", messages=[{"role": "user", "content": "hi"}], max_tokens=6
+    )
+    assert out.choices[0].message.role == "assistant"
+    assert out.usage.completion_tokens == 6
+
+
+def test_streaming_chat_and_completion(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="", messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) >= 8
+    pieces = list(client.completions.create(model="", prompt="a", max_tokens=8, stream=True))
+    assert len(pieces) >= 8 and pieces[-1].choices[0].finish_reason == "length"
+
+
+def test_predict_answers_every_instance_in_order(stack: Stack, client: openai.OpenAI) -> None:
+    prompts = [f"story number {i}" for i in range(6)]
+    status, body = stack.request(
+        "/predict",
+        {
+            "instances": [{"prompt": p} for p in prompts],
+            "parameters": {"max_tokens": 6, "temperature": 0},
+        },
+    )
+    assert status == 200, body
+    assert len(body["predictions"]) == len(prompts)
+    for prompt, prediction in zip(prompts, body["predictions"], strict=True):
+        # Greedy decoding: each prediction must be its own prompt's completion.
+        direct = client.completions.create(model="", prompt=prompt, max_tokens=6, temperature=0)
+        assert prediction == f"Prompt:\n{prompt}\nOutput:\n{direct.choices[0].text}"
+
+
+def test_raw_response_and_the_other_predict_routes(stack: Stack) -> None:
+    instance = {"prompt": "  hello  ", "max_tokens": 4, "temperature": 0}
+    status, framed = stack.request("/generate", {"instances": [instance]})
+    assert status == 200 and framed["predictions"][0].startswith("Prompt:\nhello\nOutput:\n")
+    status, raw = stack.request("/predict", {"instances": [{**instance, "raw_response": True}]})
+    assert status == 200
+    assert framed["predictions"][0] == "Prompt:\nhello\nOutput:\n" + raw["predictions"][0]
+
+
+def test_predict_passes_engine_errors_on_with_the_instance(stack: Stack) -> None:
+    status, body = stack.request(
+        "/predict",
+        {"instances": [{"prompt": "a", "max_tokens": 2}, {"prompt": "b", "max_tokens": 5000}]},
+    )
+    assert status == 400 and body["error"]["message"].startswith("instances[1]:")
+
+
+def test_metrics_show_the_gateway_and_both_replicas(stack: Stack) -> None:
+    metrics = stack.metrics()
+    for replica in ("0", "1"):
+        assert ("vllm:num_requests_running", replica) in metrics
+        assert metrics[("vgate_replica_ready", replica)] == 1.0
+    assert any(name == "vgate_requests_total" for name, _ in metrics)
+
+
+def test_requests_spread_over_both_engines(stack: Stack, client: openai.OpenAI) -> None:
+    def done() -> dict[str, float]:
+        m = stack.metrics()
+        return {r: m[("vllm:request_success_total", r)] for r in ("0", "1")}
+
+    before = done()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(
+            pool.map(
+                lambda i: client.completions.create(model="", prompt=str(i), max_tokens=32),
+                range(16),
+            )
+        )
+    after = done()
+    served = {r: after[r] - before[r] for r in before}
+    assert sum(served.values()) == 16
+    assert min(served.values()) >= 3, served
