@@ -1,0 +1,109 @@
+"""Failure semantics on the real stack: disconnects, a dying engine, a clean stop.
+
+These run after test_api.py (file order) and the last one stops the stack.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import time
+from urllib.parse import urlsplit
+
+import psutil
+import pytest
+
+from tests.e2e.conftest import Stack
+from tests.helpers import descendants, wait_for
+
+pytestmark = pytest.mark.e2e
+
+ASKED_TOKENS = 1000
+
+
+def _total(stack: Stack, name: str) -> float:
+    return sum(v for (n, _), v in stack.metrics().items() if n == name)
+
+
+def test_a_client_that_disconnects_aborts_its_generation(stack: Stack) -> None:
+    before = _total(stack, "vllm:generation_tokens_total")
+    url = urlsplit(stack.base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    body = {"prompt": "go", "max_tokens": ASKED_TOKENS, "ignore_eos": True, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    for _ in range(3):
+        assert resp.readline().startswith(b"data: ")
+        resp.readline()
+    conn.sock.shutdown(2)  # the client goes away mid-stream
+    conn.close()
+    wait_for(
+        lambda: _total(stack, "vllm:num_requests_running") == 0, 30, "the engines to stop running"
+    )
+    generated = _total(stack, "vllm:generation_tokens_total") - before
+    time.sleep(1)  # a generation still going would keep adding tokens meanwhile
+    assert _total(stack, "vllm:generation_tokens_total") - before == generated
+    assert generated < ASKED_TOKENS / 2, f"{generated} of {ASKED_TOKENS} tokens were generated"
+
+
+def _engine_server(stack: Stack, replica: int) -> psutil.Process:
+    port = str(stack.workers()[replica].port)
+    for p in descendants(stack.proc.pid):
+        try:
+            cmd = p.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if "--port" in cmd and cmd[cmd.index("--port") + 1] == port and "--model" in cmd:
+            return p
+    raise AssertionError(f"no engine server for replica {replica}")
+
+
+def _replica_state(stack: Stack, replica: int) -> str:
+    status, body = stack.request("/health", timeout=5)
+    assert status == 200, f"/health said {status} while one engine was still ready"
+    return body["replicas"][replica]["state"]
+
+
+def test_a_killed_engine_restarts_while_requests_keep_succeeding(stack: Stack) -> None:
+    victim = _engine_server(stack, 1)
+    os.killpg(victim.pid, signal.SIGKILL)  # the server and everything it spawned
+    seen: set[str] = set()
+    answered = 0
+    deadline = time.monotonic() + 600
+    while True:
+        status, body = stack.request(
+            "/v1/completions", {"model": "", "prompt": "still there?", "max_tokens": 4}
+        )
+        assert status == 200, f"request {answered} failed during the restart: {status} {body}"
+        answered += 1
+        status, body = stack.request(
+            "/predict", {"instances": [{"prompt": "and you?", "max_tokens": 2}]}
+        )
+        assert status == 200, f"predict failed during the restart: {status} {body}"
+        state = _replica_state(stack, 1)
+        seen.add(state)
+        if state == "ready" and seen - {"ready"}:
+            break
+        assert time.monotonic() < deadline, f"replica 1 did not come back; states seen: {seen}"
+        time.sleep(0.2)
+    assert seen & {"down", "starting"}, seen
+    assert answered >= 10
+    assert _engine_server(stack, 1).pid != victim.pid
+    out = [stack.request("/v1/completions", {"prompt": "x", "max_tokens": 2})[0] for _ in range(4)]
+    assert out == [200] * 4
+
+
+def test_sigterm_stops_every_process(stack: Stack) -> None:
+    family = descendants(stack.proc.pid)
+    assert len(family) >= 6  # 2 engines (+ their children), monitor, 2 gateways, nginx
+    start = time.monotonic()
+    stack.proc.send_signal(signal.SIGTERM)
+    stack.proc.wait(timeout=60)
+    took = time.monotonic() - start
+    alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [p.cmdline() for p in alive]
+    assert took < 20 + 10, f"stop took {took:.1f} s, grace is 20 s"
+    assert stack.request("/ping", timeout=2)[0] == 0  # nothing listens any more
