@@ -24,10 +24,12 @@ from gateway.nginx_config import render_nginx, write_upstream
 REPO = Path(__file__).resolve().parent.parent
 
 
-def find_nginx() -> str:
-    found = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+def find_nginx(search_path: str | None = None) -> str:
+    """nginx on PATH or in the sbin dirs, where Debian puts it for non-root PATHs too."""
+    path = search_path or os.pathsep.join(
+        [os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"]
     )
+    found = shutil.which("nginx", path=path)
     if found is None:
         raise ConfigError("nginx is not installed (deploy/install.sh installs it)")
     return found
