@@ -32,6 +32,8 @@ fi
 
 if [ "$venv" = "system" ]; then
   python=python3
+  # The image's Python belongs to the image: installing into it is the point.
+  export PIP_BREAK_SYSTEM_PACKAGES=1
 else
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   python="$venv/bin/python"

@@ -127,7 +127,11 @@ async def exposition(
     session: aiohttp.ClientSession, workers: list[EngineWorker], replicas: list[ReplicaState]
 ) -> bytes:
     """The whole container's metrics, in Prometheus's text format."""
-    per_engine = await asyncio.gather(*(fetch_engine_metrics(session, w) for w in workers))
+    # A starting engine accepts connections but answers nothing until it is ready.
+    ready = {r.replica for r in replicas if r.state == READY}
+    per_engine = await asyncio.gather(
+        *(fetch_engine_metrics(session, w) for w in workers if w.replica in ready)
+    )
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     engine_families = merge(f for families in per_engine for f in families)
