@@ -1,13 +1,18 @@
-"""Entry point of supervisord's engine program: become engine replica N.
+"""Entry point of supervisord's engine program: run engine replica N, and leave nothing behind.
 
-supervisord starts `python -m engine.launch N` (N is its process_num); this
-looks up replica N in the plan `vgate serve` wrote and execs vLLM in place, so
-supervisord's signals reach the vLLM server itself.
+supervisord starts `python -m engine.launch N` (N is its process_num) in a
+process group of its own. This looks up replica N in the plan `vgate serve`
+wrote and runs vLLM in that group. vLLM spawns an engine core and workers that
+outlive a server killed with SIGKILL (an OOM kill, say) and would hold the
+memory its restart needs; so when the server exits, for whatever reason,
+everything left in the group is killed before supervisord restarts it.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +26,15 @@ def main(argv: list[str]) -> None:
     env = {**os.environ, **worker.env}
     # vLLM must serve its own metrics on its own /metrics, not into a shared dir.
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    os.execvpe(worker.argv[0], worker.argv, env)
+    # supervisord signals the whole group, vLLM included: this process only waits.
+    # (A Python handler, unlike SIG_IGN, is not inherited by vLLM.)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server = subprocess.Popen(worker.argv, env=env)
+    code = server.wait()
+    print(f"vgate: engine replica {replica} exited ({code}); stopping what it left", flush=True)
+    sys.stdout.flush()
+    os.killpg(os.getpgrp(), signal.SIGKILL)  # this process too: supervisord restarts it
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import concurrent.futures
 import openai
 import pytest
 
+from engine.placement import plan, usable_cpus
 from tests.e2e.conftest import Stack
 
 pytestmark = pytest.mark.e2e
@@ -26,9 +27,9 @@ def test_ping_said_503_until_an_engine_was_ready(stack: Stack) -> None:
 def test_health_lists_each_replica_ready_with_its_device(stack: Stack) -> None:
     status, body = stack.request("/health")
     assert status == 200 and body["status"] == "ready"
+    expected = plan("cpu", [], usable_cpus(), replicas=2)  # cpu:0 and cpu:1 on 2 cores
     assert body["replicas"] == [
-        {"replica": 0, "state": "ready", "device": "cpu:0"},
-        {"replica": 1, "state": "ready", "device": "cpu:1"},
+        {"replica": p.replica, "state": "ready", "device": p.label} for p in expected
     ]
 
 
