@@ -22,7 +22,9 @@ async def serve(worker: int, run_dir: Path) -> None:
     runner = web.AppRunner(
         make_app(config, run_dir),
         handler_cancellation=True,  # a client that goes away cancels its engine calls
-        shutdown_timeout=config.stop_grace,
+        # nginx has drained in-flight requests before supervisord stops the
+        # gateways (supervisord.conf), so little is left; stay under its 10 s.
+        shutdown_timeout=8,
         access_log=None,  # nginx logs every request
     )
     await runner.setup()
