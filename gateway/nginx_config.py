@@ -51,6 +51,7 @@ def render_nginx(config: Config, run_dir: Path, nginx_workers: int = 0) -> str:
         max_request_bytes=config.max_request_bytes,
         read_timeout=int(config.request_timeout),
         gateway_sockets=[gateway_socket(run_dir, k) for k in range(config.gateway_workers)],
+        vertex_routes=[r for r in (config.health_route, config.predict_route) if r],
     )
 
 

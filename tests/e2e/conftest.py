@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.error
@@ -19,6 +20,11 @@ from engine.workers import EngineWorker, load_workers
 from tests.helpers import free_port, stop_tree, wait_for
 
 STARTUP_DEADLINE_S = 600
+# As Vertex sets them: both start with /v1/, which is otherwise vLLM's.
+VERTEX_ENV = {
+    "AIP_HEALTH_ROUTE": "/v1/endpoints/123/deployedModels/456",
+    "AIP_PREDICT_ROUTE": "/v1/endpoints/123/deployedModels/456:predict",
+}
 
 
 @dataclass
@@ -73,12 +79,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     port = free_port()
     argv = [
         sys.executable, "-m", "gateway.cli", "serve",
-        "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(run_dir),
+        "--host", "127.0.0.1", "--run-dir", str(run_dir),
         "--replicas", "2", "--gateway-workers", "2", "--stop-grace", "20",
         "--max-model-len", "1024",
     ]  # fmt: skip
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **VERTEX_ENV, "AIP_HTTP_PORT": str(port)},
+        )
     s = Stack(proc, f"http://127.0.0.1:{port}", run_dir, log)
 
     def ready() -> bool:

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from engine.placement import plan, usable_cpus
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import VERTEX_ENV, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -31,6 +31,15 @@ def test_health_lists_each_replica_ready_with_its_device(stack: Stack) -> None:
     assert body["replicas"] == [
         {"replica": p.replica, "state": "ready", "device": p.label} for p in expected
     ]
+
+
+def test_vertex_health_and_predict_routes(stack: Stack) -> None:
+    status, body = stack.request(VERTEX_ENV["AIP_HEALTH_ROUTE"])
+    assert status == 200 and body["status"] == "ready"
+    status, body = stack.request(
+        VERTEX_ENV["AIP_PREDICT_ROUTE"], {"instances": [{"prompt": "hi", "max_tokens": 3}]}
+    )
+    assert status == 200 and body["predictions"][0].startswith("Prompt:\nhi\nOutput:\n")
 
 
 def test_models_lists_the_demo_model(client: openai.OpenAI) -> None:

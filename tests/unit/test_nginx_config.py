@@ -27,3 +27,15 @@ def test_upstream_lists_ready_engines_and_marks_the_rest_down() -> None:
     lines = render_upstream(workers, ready={1}).splitlines()
     assert lines[0].startswith("server 127.0.0.1:9001") and " down;" in lines[0]
     assert lines[1].startswith("server 127.0.0.1:9002") and " down;" not in lines[1]
+
+
+def test_vertex_routes_reach_the_gateway_although_they_start_with_v1(tmp_path) -> None:
+    env = {
+        "AIP_HEALTH_ROUTE": "/v1/endpoints/1/deployedModels/2",
+        "AIP_PREDICT_ROUTE": "/v1/endpoints/1/deployedModels/2:predict",
+    }
+    text = render_nginx(resolve([], env), tmp_path)
+    for route in env.values():
+        block = text.split(f'location = "{route}" {{', 1)[1].split("}", 1)[0]
+        assert "proxy_pass http://gateways;" in block
+    assert text.index("deployedModels/2:predict") < text.index("location /v1/")
