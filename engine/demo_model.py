@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # torch is imported lazily: importing this module should stay
 
 DEMO_MODEL_NAME = "vgate-demo"
 # Bump when any output byte changes, so caches built by older code are not reused.
-DEMO_MODEL_VERSION = 1
+DEMO_MODEL_VERSION = 2
 
 # 768 rather than 1024: with untied bf16 embeddings a 1024 vocabulary makes the weights 1.12 MB.
 VOCAB_SIZE = 768
@@ -163,7 +163,9 @@ def _config() -> dict[str, Any]:
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
+        # Stored as bf16 (small), computed in float32: CPUs without AVX-512 have no
+        # fast bf16 path in vLLM, and float32 streamed 1.7x the tokens/s here.
+        "torch_dtype": "float32",
         "bos_token_id": BOS_ID,
         "eos_token_id": EOS_ID,
         "pad_token_id": PAD_ID,

@@ -52,7 +52,7 @@ def test_config_sizes(model_dir: Path) -> None:
     assert config["intermediate_size"] == 256
     assert config["max_position_embeddings"] == 2048
     assert config["tie_word_embeddings"] is False
-    assert config["torch_dtype"] == "bfloat16"
+    assert config["torch_dtype"] == "float32"
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
 
 
