@@ -13,7 +13,6 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from unittest import mock
 
 if TYPE_CHECKING:  # torch is imported lazily: importing this module should stay cheap
     import torch
@@ -101,9 +100,17 @@ def _tokenizer_json() -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    # Read on every call (unlike RAYON_NUM_THREADS, fixed when rayon's pool first starts).
-    with mock.patch.dict(os.environ, {"TOKENIZERS_PARALLELISM": "false"}):
+    # Single-threaded, for determinism. Read on every call (unlike RAYON_NUM_THREADS,
+    # fixed when rayon's pool first starts); restored after, as the caller had it.
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
         tokenizer.train_from_iterator(_CORPUS.split("\n\n"), trainer=trainer)
+    finally:
+        if saved is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
     if tokenizer.get_vocab_size() != VOCAB_SIZE:
         raise RuntimeError(f"corpus too small for {VOCAB_SIZE} tokens")
     # Like Llama: plain encodes (e.g. /v1/completions) start with BOS.
