@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.workers import EngineWorker, load_workers
-from tests.helpers import free_port, stop_tree, wait_for
+from tests.helpers import free_port, http_json, stop_tree, wait_for
 
 STARTUP_DEADLINE_S = 600
 
@@ -36,14 +33,6 @@ class Stack:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _health(base: str) -> dict | None:
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=5) as resp:
-            return json.loads(resp.read()) if resp.status == 200 else None
-    except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
-        return None
-
-
 @contextmanager
 def running_stack(run_dir: Path, max_model_len: int) -> Iterator[Stack]:
     """The stack, ready (1 replica ready per /health); stopped on exit whatever happened."""
@@ -62,8 +51,8 @@ def running_stack(run_dir: Path, max_model_len: int) -> Iterator[Stack]:
     def ready() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"vgate serve exited {proc.returncode}:\n{stack.log_tail()}")
-        body = _health(stack.base)
-        return bool(body and body.get("ready_replicas") == 1)
+        status, _, body = http_json(stack.base + "/health", timeout=5)
+        return status == 200 and body.get("ready_replicas") == 1
 
     try:
         wait_for(ready, STARTUP_DEADLINE_S, "1 ready replica on /health", every=1.0)

@@ -33,7 +33,6 @@ def main(argv: list[str]) -> None:
     server = subprocess.Popen(worker.argv, env=env)
     code = server.wait()
     print(f"vgate: engine replica {replica} exited ({code}); stopping what it left", flush=True)
-    sys.stdout.flush()
     os.killpg(os.getpgrp(), signal.SIGKILL)  # this process too: supervisord restarts it
 
 

@@ -38,10 +38,12 @@ async def post_json(
     path: str,
     payload: dict[str, Any],
     where: str,
-    timeout: float,
     request_id: str | None = None,
 ) -> dict[str, Any]:
-    """POST to an engine route; `where` names the instance in any error."""
+    """POST to an engine route; `where` names the instance in any error.
+
+    The caller sets the deadline (the whole request's, see predict/serving.py).
+    """
     headers = {"Content-Type": "application/json"}
     if request_id:
         headers["X-Request-Id"] = request_id
@@ -50,13 +52,9 @@ async def post_json(
             BASE_URL + path,
             data=orjson.dumps(payload),
             headers=headers,
-            timeout=aiohttp.ClientTimeout(total=timeout),
         ) as resp:
             body = await resp.read()
             status = resp.status
-    except TimeoutError:
-        UPSTREAM_ERRORS.labels("timeout").inc()
-        raise ApiError(504, f"{where}: the engine did not answer within {timeout:g} s") from None
     except aiohttp.ClientError as e:
         UPSTREAM_ERRORS.labels("connection").inc()
         raise ApiError(503, f"{where}: engine unreachable ({e.__class__.__name__})") from None

@@ -60,6 +60,9 @@ async def track_requests(request: web.Request, handler: Handler) -> web.StreamRe
         response = await handler(request)
         status = response.status
         return response
+    except asyncio.CancelledError:
+        status = 499  # the client went away (nginx's code for it)
+        raise
     finally:
         IN_FLIGHT.labels(route).dec()
         REQUESTS.labels(route, str(status)).inc()

@@ -34,7 +34,7 @@ def _worker_user() -> str | None:
     return pwd.getpwuid(os.geteuid()).pw_name if os.geteuid() == 0 else None
 
 
-def render_nginx(config: Config, run_dir: Path, nginx_workers: int = 0) -> str:
+def render_nginx(config: Config, run_dir: Path) -> str:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
         undefined=jinja2.StrictUndefined,
@@ -45,7 +45,6 @@ def render_nginx(config: Config, run_dir: Path, nginx_workers: int = 0) -> str:
     host = f"[{config.host}]" if ":" in config.host else config.host
     return env.get_template("nginx.conf.j2").render(
         user=_worker_user(),
-        nginx_workers=nginx_workers or "auto",
         run_dir=run_dir,
         listen=f"{host}:{config.port}",
         max_request_bytes=config.max_request_bytes,

@@ -68,6 +68,3 @@ class StateReader:
             # No fresh verdict: say so rather than repeat an old "ready".
             return [ReplicaState(i, STARTING, d) for i, d in sorted(self._devices.items())]
         return self._replicas
-
-    def ready_count(self) -> int:
-        return sum(r.state == READY for r in self.replicas())

@@ -3,17 +3,49 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import json
 import signal
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psutil
 
 T = TypeVar("T")
+
+
+def http_json(
+    url: str,
+    body: object | None = None,
+    *,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> tuple[int, dict[str, str], Any]:
+    """(status, headers, parsed body) of a GET, or a POST of `body` as JSON or of raw `data`.
+
+    Status 0: nothing answered. A body that is not JSON comes back as text.
+    """
+    if body is not None:
+        data = json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, headers, raw = resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as e:
+        status, headers, raw = e.code, dict(e.headers), e.read()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, {}, None
+    try:
+        return status, headers, json.loads(raw)
+    except ValueError:
+        return status, headers, raw.decode(errors="replace")
 
 
 def free_port() -> int:
@@ -48,9 +80,9 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 60) -> None:
         proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace_s)
-    for p in [psutil.Process(proc.pid), *family] if proc.poll() is None else family:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(p.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.kill()
+    for p in family:  # captured before the stop, so orphans re-parented since are in it
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     proc.wait(timeout=10)

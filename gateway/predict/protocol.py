@@ -10,7 +10,7 @@ import orjson
 from gateway.errors import ApiError
 
 # Fields of a text-generation instance that steer vgate, not the sampler.
-CONTROL_FIELDS = ("prompt", "raw_response")
+CONTROL_FIELDS = ("prompt", "raw_response", "stream")
 
 
 @dataclass(frozen=True)
@@ -68,5 +68,5 @@ def parse_text_instance(index: int, instance: Any, parameters: dict[str, Any]) -
         raise _bad(f"{where}.raw_response: must be true or false")
     if merged.get("stream"):
         raise _bad(f"{where}.stream: streaming on the predict route is not supported yet")
-    sampling = {k: v for k, v in merged.items() if k not in CONTROL_FIELDS and k != "stream"}
+    sampling = {k: v for k, v in merged.items() if k not in CONTROL_FIELDS}
     return TextInstance(prompt=prompt, raw_response=raw, sampling=sampling)

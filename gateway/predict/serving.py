@@ -14,6 +14,7 @@ import aiohttp
 
 from gateway.engine_client import post_json
 from gateway.errors import ApiError
+from gateway.metrics import UPSTREAM_ERRORS
 from gateway.predict.protocol import TextInstance
 
 
@@ -57,13 +58,13 @@ async def predict(
                         "/v1/completions",
                         completion_request(inst),
                         f"instances[{i}]",
-                        timeout,
                         request_id,
                     )
                 )
                 for i, inst in enumerate(instances)
             ]
     except TimeoutError:
+        UPSTREAM_ERRORS.labels("timeout").inc()
         raise ApiError(504, f"the request did not finish within {timeout:g} s") from None
     except ExceptionGroup as group_error:
         # The first instance that failed fails the request; the rest were cancelled.

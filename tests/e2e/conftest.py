@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.workers import EngineWorker, load_workers
-from tests.helpers import free_port, stop_tree, wait_for
+from tests.helpers import free_port, http_json, stop_tree, wait_for
 
 STARTUP_DEADLINE_S = 600
 # As Vertex sets them: both start with /v1/, which is otherwise vLLM's.
@@ -40,28 +38,15 @@ class Stack:
 
     def request(
         self, path: str, body: object | None = None, timeout: float = 60
-    ) -> tuple[int, object]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.base + path, data=data, headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                raw = resp.read()
-                status = resp.status
-        except urllib.error.HTTPError as e:
-            raw, status = e.read(), e.code
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return 0, None
-        try:
-            return status, json.loads(raw)
-        except ValueError:
-            return status, raw.decode(errors="replace")
+    ) -> tuple[int, Any]:
+        """(status, parsed body) from the front door; status 0: nothing answered."""
+        status, _, parsed = http_json(self.base + path, body, timeout=timeout)
+        return status, parsed
 
     def metrics(self) -> dict[tuple[str, str], float]:
         """{(sample name, replica): value summed over other labels} from the front door."""
-        with urllib.request.urlopen(self.base + "/metrics", timeout=10) as resp:
-            text = resp.read().decode()
+        status, _, text = http_json(self.base + "/metrics", timeout=10)
+        assert status == 200, f"/metrics said {status}"
         totals: dict[tuple[str, str], float] = defaultdict(float)
         for family in text_string_to_metric_families(text):
             for s in family.samples:

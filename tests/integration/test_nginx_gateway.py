@@ -6,12 +6,9 @@ limits, request ids, and an internal listener that is not on the network.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +17,7 @@ import pytest
 
 from gateway.config import resolve
 from gateway.serve import prepare
-from tests.helpers import free_port, stop_tree, wait_for
+from tests.helpers import free_port, http_json, stop_tree, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -50,27 +47,16 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path,
         ),
     ]
     base = f"http://127.0.0.1:{port}"
-    wait_for(
-        lambda: _status(base + "/health")[2].get("status") == "starting",
-        30,
-        "nginx and the gateway to answer",
-    )
+
+    def gateway_answers() -> bool:
+        # The gateway's own "starting", not nginx's page for an absent gateway.
+        body = http_json(base + "/health")[2]
+        return isinstance(body, dict) and body.get("status") == "starting"
+
+    wait_for(gateway_answers, 30, "nginx and the gateway to answer")
     yield base, run_dir, procs
     for proc in procs:
         stop_tree(proc)
-
-
-def _status(
-    url: str, data: bytes | None = None, headers: dict | None = None
-) -> tuple[int, dict, dict]:
-    request = urllib.request.Request(url, data=data, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return resp.status, dict(resp.headers), json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.loads(e.read() or b"null")
-    except (urllib.error.URLError, ConnectionError):
-        return 0, {}, {}
 
 
 def test_rendered_config_passes_nginx_t(front) -> None:
@@ -84,34 +70,36 @@ def test_rendered_config_passes_nginx_t(front) -> None:
 
 def test_health_says_starting_with_503(front) -> None:
     base, _, _ = front
-    status, headers, body = _status(base + "/health")
+    status, headers, body = http_json(base + "/health")
     assert status == 503 and body["status"] == "starting" and headers["Retry-After"] == "5"
     assert [r["state"] for r in body["replicas"]] == ["starting", "starting"]
 
 
 def test_every_answer_has_a_request_id_and_keeps_the_clients(front) -> None:
     base, _, _ = front
-    assert len(_status(base + "/ping")[1]["X-Request-Id"]) == 32
-    assert _status(base + "/ping", headers={"X-Request-Id": "abc-1"})[1]["X-Request-Id"] == "abc-1"
+    assert len(http_json(base + "/ping")[1]["X-Request-Id"]) == 32
+    assert (
+        http_json(base + "/ping", headers={"X-Request-Id": "abc-1"})[1]["X-Request-Id"] == "abc-1"
+    )
 
 
 def test_openai_routes_without_a_ready_engine_get_json_503(front) -> None:
     base, _, _ = front
-    status, headers, body = _status(base + "/v1/models")
+    status, headers, body = http_json(base + "/v1/models")
     assert status == 503 and body["error"]["status"] == "UNAVAILABLE"
     assert headers["Retry-After"] == "5"
 
 
 def test_predict_without_a_ready_engine_gets_json_503(front) -> None:
     base, _, _ = front
-    status, _, body = _status(base + "/predict", b'{"instances": [{"prompt": "a"}]}')
+    status, _, body = http_json(base + "/predict", data=b'{"instances": [{"prompt": "a"}]}')
     assert status == 503 and body["error"]["message"].startswith("instances[0]:")
 
 
 def test_body_over_the_limit_gets_json_413(front) -> None:
     base, _, _ = front
     for route in ("/predict", "/v1/completions"):
-        status, _, body = _status(base + route, b"x" * 100_001)
+        status, _, body = http_json(base + route, data=b"x" * 100_001)
         assert status == 413 and body["error"]["code"] == 413, route
 
 
@@ -126,7 +114,7 @@ def test_body_over_the_limit_gets_json_413(front) -> None:
 )
 def test_bad_requests_get_json_errors(front, route: str, data: bytes | None, status: int) -> None:
     base, _, _ = front
-    got, headers, body = _status(base + route, data)
+    got, headers, body = http_json(base + route, data=data)
     assert got == status and body["error"]["code"] == status
     assert headers["Content-Type"].startswith("application/json")
 
