@@ -16,6 +16,9 @@ from engine.placement import Placement, cpu_bind
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # GiB of KV cache per CPU engine unless the user set VLLM_CPU_KVCACHE_SPACE.
 DEFAULT_CPU_KVCACHE_GIB = "1"
+# vLLM 0.32's --max-num-seqs default for its OpenAI server: 128 per CPU worker,
+# 256 on most GPUs (1024 on GPUs of 70 GB and more: pass the flag to be exact).
+DEFAULT_MAX_NUM_SEQS = {"cpu": 128, "cuda": 256}
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,26 @@ def engine_argv(
     if served_model_name:
         argv += ["--served-model-name", served_model_name]
     return argv + passthrough
+
+
+def flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of a vLLM flag in either form (`--f v` or `--f=v`); the last one wins."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def max_num_seqs(passthrough: list[str], device: str, tensor_parallel_size: int) -> int:
+    """Sequences one engine runs at once: the flag if given, else vLLM's default."""
+    given = flag_value(passthrough, "--max-num-seqs")
+    if given is not None and given.isdigit() and int(given) > 0:
+        return int(given)
+    per_worker = DEFAULT_MAX_NUM_SEQS[device]
+    return per_worker * tensor_parallel_size if device == "cpu" else per_worker
 
 
 def engine_env(placement: Placement, environ: dict[str, str]) -> dict[str, str]:

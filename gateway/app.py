@@ -10,6 +10,7 @@ from aiohttp import web
 
 from engine.workers import load_workers
 from gateway import health, metrics
+from gateway.admission import Admission, worker_share
 from gateway.config import Config
 from gateway.engine_client import engine_session
 from gateway.errors import json_errors
@@ -20,13 +21,15 @@ from gateway.state import STATE_FILE, StateReader
 _BODY_SLACK = 64 * 1024
 
 
-def make_app(config: Config, run_dir: Path) -> web.Application:
+def make_app(config: Config, run_dir: Path, worker: int = 0) -> web.Application:
     app = web.Application(
         middlewares=[metrics.track_requests, json_errors],
         client_max_size=config.max_request_bytes + _BODY_SLACK,
     )
     workers = load_workers(run_dir / "engines.json")
     app["config"] = config
+    assert config.max_inflight is not None, "vgate serve resolves it"
+    app["admission"] = Admission(worker_share(config.max_inflight, config.gateway_workers, worker))
     app["workers"] = workers
     app["state"] = StateReader(run_dir / STATE_FILE, {w.replica: w.device for w in workers})
 

@@ -33,6 +33,9 @@ class Config:
     gateway_workers: int = 1
     max_request_bytes: int = 1_572_864  # 1.5 MiB: Vertex's shared endpoint limit
     request_timeout: float = 600.0
+    max_instances: int = 64
+    # None: the engines' --max-num-seqs times replicas, resolved by `vgate serve`.
+    max_inflight: int | None = None
     stop_grace: int = 30
     health_route: str | None = None
     predict_route: str | None = None
@@ -106,6 +109,19 @@ _SETTINGS: dict[str, tuple[Callable[[str], Any], str, tuple[str, ...], str]] = {
         "largest request body accepted",
     ),
     "request_timeout": (_positive_float, "VGATE_REQUEST_TIMEOUT", (), "seconds a request may take"),
+    "max_instances": (
+        _positive_int,
+        "VGATE_MAX_INSTANCES",
+        (),
+        "most instances in one predict request",
+    ),
+    "max_inflight": (
+        _positive_int,
+        "VGATE_MAX_INFLIGHT",
+        (),
+        "engine requests in flight before new ones get 429 "
+        "(default: the engines' --max-num-seqs times replicas)",
+    ),
     "stop_grace": (
         _positive_int,
         "VGATE_STOP_GRACE",

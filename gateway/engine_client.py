@@ -6,6 +6,8 @@ predict alike. Errors become ApiErrors that say what happened.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -33,37 +35,75 @@ def _engine_message(body: bytes) -> str:
         return body[:200].decode(errors="replace") or "no message"
 
 
-async def post_json(
+def _headers(request_id: str | None) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return headers
+
+
+def _engine_error(status: int, body: bytes, where: str) -> ApiError:
+    """The engine's refusal, for the client: its 4xx as they are, the rest as 429/502/503."""
+    message = f"{where}: {_engine_message(body)}"
+    if 400 <= status < 500 and status not in (408, 429):
+        return ApiError(status, message)
+    UPSTREAM_ERRORS.labels(f"status_{status}").inc()
+    if status in (429, 503):
+        return ApiError(status, message, {"Retry-After": "5"})
+    return ApiError(502, message)
+
+
+def _unreachable(e: aiohttp.ClientError, where: str) -> ApiError:
+    UPSTREAM_ERRORS.labels("connection").inc()
+    return ApiError(503, f"{where}: engine unreachable ({e.__class__.__name__})")
+
+
+async def call_json(
+    session: aiohttp.ClientSession,
+    path: str,
+    payload: dict[str, Any] | None,
+    where: str,
+    request_id: str | None = None,
+) -> Any:
+    """POST `payload` (GET if None) to an engine route; `where` names the instance in errors.
+
+    The caller sets the deadline (the whole request's, see predict/serving.py).
+    """
+    try:
+        async with session.request(
+            "GET" if payload is None else "POST",
+            BASE_URL + path,
+            data=None if payload is None else orjson.dumps(payload),
+            headers=_headers(request_id),
+        ) as resp:
+            body = await resp.read()
+            status = resp.status
+    except aiohttp.ClientError as e:
+        raise _unreachable(e, where) from None
+    if status != 200:
+        raise _engine_error(status, body, where)
+    return orjson.loads(body)
+
+
+@contextlib.asynccontextmanager
+async def open_stream(
     session: aiohttp.ClientSession,
     path: str,
     payload: dict[str, Any],
     where: str,
     request_id: str | None = None,
-) -> dict[str, Any]:
-    """POST to an engine route; `where` names the instance in any error.
+) -> AsyncIterator[aiohttp.StreamReader]:
+    """A streamed engine answer, once the engine has accepted the request.
 
-    The caller sets the deadline (the whole request's, see predict/serving.py).
+    Leaving the block early (a client gone, a deadline) closes the connection,
+    and vLLM stops the generation.
     """
-    headers = {"Content-Type": "application/json"}
-    if request_id:
-        headers["X-Request-Id"] = request_id
     try:
         async with session.post(
-            BASE_URL + path,
-            data=orjson.dumps(payload),
-            headers=headers,
+            BASE_URL + path, data=orjson.dumps(payload), headers=_headers(request_id)
         ) as resp:
-            body = await resp.read()
-            status = resp.status
+            if resp.status != 200:
+                raise _engine_error(resp.status, await resp.read(), where)
+            yield resp.content
     except aiohttp.ClientError as e:
-        UPSTREAM_ERRORS.labels("connection").inc()
-        raise ApiError(503, f"{where}: engine unreachable ({e.__class__.__name__})") from None
-    if status == 200:
-        return orjson.loads(body)
-    message = f"{where}: {_engine_message(body)}"
-    if 400 <= status < 500 and status not in (408, 429):
-        raise ApiError(status, message)
-    UPSTREAM_ERRORS.labels(f"status_{status}").inc()
-    if status in (429, 503):
-        raise ApiError(status, message, {"Retry-After": "5"})
-    raise ApiError(502, message)
+        raise _unreachable(e, where) from None

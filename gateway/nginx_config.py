@@ -7,6 +7,7 @@ before it can answer, and nginx (open source) has no active health checks.
 
 from __future__ import annotations
 
+import math
 import os
 import pwd
 from pathlib import Path
@@ -48,7 +49,8 @@ def render_nginx(config: Config, run_dir: Path) -> str:
         run_dir=run_dir,
         listen=f"{host}:{config.port}",
         max_request_bytes=config.max_request_bytes,
-        read_timeout=int(config.request_timeout),
+        read_timeout=math.ceil(config.request_timeout),
+        max_inflight=config.max_inflight,
         gateway_sockets=[gateway_socket(run_dir, k) for k in range(config.gateway_workers)],
         vertex_routes=[r for r in (config.health_route, config.predict_route) if r],
     )

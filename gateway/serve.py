@@ -6,6 +6,7 @@ line that says what is wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -17,7 +18,7 @@ from pathlib import Path
 from engine import placement
 from engine.demo_model import DEMO_MODEL_NAME
 from engine.model_source import ModelSourceError, classify_model, local_model
-from engine.workers import build_workers, save_workers
+from engine.workers import build_workers, max_num_seqs, save_workers
 from gateway.config import Config, ConfigError, resolve
 from gateway.nginx_config import render_nginx, write_upstream
 
@@ -94,6 +95,11 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
         environ,
     )
     save_workers(workers, run_dir / "engines.json")
+    if config.max_inflight is None:
+        per_engine = max_num_seqs(
+            config.engine_args, placements[0].device, config.tensor_parallel_size
+        )
+        config = dataclasses.replace(config, max_inflight=per_engine * len(workers))
     config.save(run_dir / "config.json")
     write_upstream(run_dir, workers, ready=set())
     conf = run_dir / "nginx.conf"
@@ -117,7 +123,8 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
     devices = ", ".join(w.device for w in workers)
     print(
         f"vgate: serving {config.model or DEMO_MODEL_NAME} on http://{config.host}:{config.port} "
-        f"with {len(workers)} engine replica(s) [{devices}], run dir {run_dir}",
+        f"with {len(workers)} engine replica(s) [{devices}], at most {config.max_inflight} "
+        f"requests in flight, run dir {run_dir}",
         flush=True,
     )
     return run_dir, env

@@ -20,7 +20,7 @@ from gateway.nginx_config import gateway_socket
 async def serve(worker: int, run_dir: Path) -> None:
     config = Config.load(run_dir / "config.json")
     runner = web.AppRunner(
-        make_app(config, run_dir),
+        make_app(config, run_dir, worker),
         handler_cancellation=True,  # a client that goes away cancels its engine calls
         # nginx has drained in-flight requests before supervisord stops the
         # gateways (supervisord.conf), so little is left; stay under its 10 s.

@@ -1,25 +1,50 @@
-"""Parsing and validating a predict request. Pure: no I/O, tested without servers."""
+"""A predict request, parsed and checked whole before any generation starts.
+
+Each instance becomes one engine request: a text-generation instance a
+completion (or, with `multi_modal_data`, a chat request with the images), a
+chat instance (`"@requestFormat": "chatCompletions"`) the chat request it is.
+`parameters` gives defaults; an instance's own fields win. Every problem is a
+400 that names the instance and the field. Pure: no I/O, tested without servers.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from gateway.errors import ApiError
+from gateway.predict.validation import CHAT, COMPLETION, RequestSchemas
 
-# Fields of a text-generation instance that steer vgate, not the sampler.
-CONTROL_FIELDS = ("prompt", "raw_response", "stream")
+CHAT_FORMAT = "chatCompletions"
+COMPLETIONS_ROUTE = "/v1/completions"
+CHAT_ROUTE = "/v1/chat/completions"
+# Stream formats: server-sent events, or the NUL-separated JSON chunks of
+# Google's older images.
+STREAM_FORMATS = ("sse", "nul")
+# multi_modal_data key: the chat content part vLLM takes it as.
+MEDIA_PARTS = {"image": "image_url", "video": "video_url", "audio": "audio_url"}
+TOP_LEVEL_FIELDS = ("instances", "parameters", "@requestFormat")
 
 
 @dataclass(frozen=True)
-class TextInstance:
-    """A text-generation instance: a prompt and vLLM sampling fields."""
+class Instance:
+    """One instance, as the engine request it becomes."""
 
-    prompt: str
+    chat: bool  # a chat instance: its prediction is the ChatCompletion itself
+    route: str
+    request: dict[str, Any]
+    prompt: str = ""  # text generation: for Google's "Prompt:/Output:" framing
     raw_response: bool = False
-    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    instances: list[Instance]
+    stream: bool = False
+    stream_format: str = "sse"
 
 
 def _bad(message: str) -> ApiError:
@@ -36,37 +61,159 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return request
 
 
-def parse_instances(request: dict[str, Any]) -> list[TextInstance]:
-    """The instances of a predict request, with `parameters` as defaults for each."""
+def parse_request(body: bytes, schemas: RequestSchemas, max_instances: int) -> PredictRequest:
+    request = parse_body(body)
+    unknown = [k for k in request if k not in TOP_LEVEL_FIELDS]
+    if unknown:
+        raise _bad(
+            f"{unknown[0]}: unknown field (a predict request has {', '.join(TOP_LEVEL_FIELDS)})"
+        )
     if "instances" not in request:
         raise _bad("instances: required")
-    instances = request["instances"]
-    if not isinstance(instances, list):
+    raw_instances = request["instances"]
+    if not isinstance(raw_instances, list):
         raise _bad("instances: must be a list")
-    if not instances:
+    if not raw_instances:
         raise _bad("instances: must not be empty")
-    parameters = request.get("parameters", {})
+    if len(raw_instances) > max_instances:
+        raise _bad(
+            f"instances: at most {max_instances} per request, got {len(raw_instances)} "
+            "(split the request, or raise --max-instances)"
+        )
+    parameters = request.get("parameters")
     if parameters is None:
         parameters = {}
     if not isinstance(parameters, dict):
         raise _bad("parameters: must be an object")
-    return [parse_text_instance(i, inst, parameters) for i, inst in enumerate(instances)]
+    top_format = _request_format("@requestFormat", request.get("@requestFormat"))
+    parsed = [
+        _parse_instance(i, raw, parameters, top_format, schemas)
+        for i, raw in enumerate(raw_instances)
+    ]
+    streams = {i for i, (_, stream, _) in enumerate(parsed) if stream}
+    if streams and len(parsed) > 1:
+        raise _bad(
+            f"instances[{min(streams)}].stream: streaming takes exactly one instance, "
+            f"got {len(parsed)}"
+        )
+    instance, stream, stream_format = parsed[0]
+    if stream and stream_format == "nul" and instance.chat:
+        raise _bad("instances[0].stream_format: 'nul' is for text-generation instances only")
+    if stream and not instance.chat and instance.request.get("n", 1) not in (1, None):
+        raise _bad("instances[0].n: a streamed text-generation instance takes n = 1")
+    return PredictRequest([p[0] for p in parsed], stream, stream_format)
 
 
-def parse_text_instance(index: int, instance: Any, parameters: dict[str, Any]) -> TextInstance:
+def _request_format(where: str, value: Any) -> str | None:
+    if value is None or value == CHAT_FORMAT:
+        return value
+    raise _bad(f"{where}: must be {CHAT_FORMAT!r} (or absent for text generation)")
+
+
+def _parse_instance(
+    index: int,
+    raw: Any,
+    parameters: dict[str, Any],
+    top_format: str | None,
+    schemas: RequestSchemas,
+) -> tuple[Instance, bool, str]:
+    """(instance, stream?, stream format)."""
     where = f"instances[{index}]"
-    if not isinstance(instance, dict):
-        raise _bad(f"{where}: must be an object with a 'prompt'")
-    merged = {**parameters, **instance}
-    prompt = merged.get("prompt")
+    if not isinstance(raw, dict):
+        raise _bad(f"{where}: must be an object")
+    chat = _request_format(f"{where}.@requestFormat", raw.get("@requestFormat", top_format))
+
+    def name(path: str) -> str:
+        """The field as the client wrote it: in this instance, or in `parameters`."""
+        if not path:
+            return where
+        key = path.split(".")[0].split("[")[0]
+        return f"{where}.{path}" + (
+            "" if key in raw or key not in parameters else " (from parameters)"
+        )
+
+    fields = {**parameters, **raw}
+    fields.pop("@requestFormat", None)
+    stream = fields.pop("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise _bad(f"{name('stream')}: must be true or false")
+    stream_format = fields.pop("stream_format", "sse")
+    if stream_format not in STREAM_FORMATS:
+        raise _bad(f"{name('stream_format')}: must be one of {', '.join(STREAM_FORMATS)}")
+    lora = fields.pop("dynamic-lora", None)
+    if lora is not None:
+        if not isinstance(lora, str) or not lora:
+            raise _bad(f"{name('dynamic-lora')}: must be a non-empty string")
+        fields["model"] = lora  # the engine serves a loaded adapter under its name
+    fields.setdefault("model", "")  # vLLM serves its model under an empty name
+
+    if chat:
+        if "raw_response" in raw or "multi_modal_data" in raw:
+            key = "raw_response" if "raw_response" in raw else "multi_modal_data"
+            hint = " (put images in messages as image_url parts)" * (key == "multi_modal_data")
+            raise _bad(f"{where}.{key}: only for text-generation instances{hint}")
+        for control in ("raw_response", "multi_modal_data"):
+            fields.pop(control, None)  # from parameters, meant for the text instances
+        if "messages" not in fields:
+            raise _bad(f"{where}.messages: required for a chat instance")
+        _check(schemas, CHAT, fields, name)
+        return Instance(True, CHAT_ROUTE, fields), bool(stream), stream_format
+
+    prompt = fields.pop("prompt", None)
     if prompt is None:
         raise _bad(f"{where}.prompt: required")
     if not isinstance(prompt, str):
-        raise _bad(f"{where}.prompt: must be a string")
-    raw = merged.get("raw_response", False)
-    if not isinstance(raw, bool):
-        raise _bad(f"{where}.raw_response: must be true or false")
-    if merged.get("stream"):
-        raise _bad(f"{where}.stream: streaming on the predict route is not supported yet")
-    sampling = {k: v for k, v in merged.items() if k not in CONTROL_FIELDS}
-    return TextInstance(prompt=prompt, raw_response=raw, sampling=sampling)
+        raise _bad(f"{name('prompt')}: must be a string")
+    raw_response = fields.pop("raw_response", False)
+    if not isinstance(raw_response, bool):
+        raise _bad(f"{name('raw_response')}: must be true or false")
+    media = fields.pop("multi_modal_data", None)
+    if media is None:
+        request = {**fields, "prompt": prompt}
+        _check(schemas, COMPLETION, request, name)
+        return (
+            Instance(False, COMPLETIONS_ROUTE, request, prompt, raw_response),
+            bool(stream),
+            (stream_format),
+        )
+    parts = _media_parts(media, name("multi_modal_data"))
+    request = {**fields, "messages": [{"role": "user", "content": [*parts, _text(prompt)]}]}
+    only_completion = schemas.properties(COMPLETION) - schemas.properties(CHAT)
+    for key in fields:
+        if key in only_completion:
+            raise _bad(f"{name(key)}: not available with multi_modal_data (sent as a chat request)")
+    _check(schemas, CHAT, request, name)
+    return Instance(False, CHAT_ROUTE, request, prompt, raw_response), bool(stream), stream_format
+
+
+def _text(prompt: str) -> dict[str, Any]:
+    return {"type": "text", "text": prompt}
+
+
+def _media_parts(media: Any, where: str) -> list[dict[str, Any]]:
+    """`{"image": url or [urls]}` as chat content parts, in the order given."""
+    if not isinstance(media, dict) or not media:
+        raise _bad(f'{where}: must be an object such as {{"image": "<url>"}}')
+    parts = []
+    for key, urls in media.items():
+        part = MEDIA_PARTS.get(key)
+        if part is None:
+            raise _bad(f"{where}.{key}: unknown kind; use {', '.join(MEDIA_PARTS)}")
+        for url in urls if isinstance(urls, list) else [urls]:
+            if not isinstance(url, str) or not url:
+                raise _bad(f"{where}.{key}: must be a URL or a list of URLs")
+            if url.startswith("gs://"):
+                raise _bad(
+                    f"{where}.{key}: gs:// media is not supported yet; use https or data: URLs"
+                )
+            parts.append({"type": part, part: {"url": url}})
+    return parts
+
+
+def _check(
+    schemas: RequestSchemas, kind: str, request: dict[str, Any], name: Callable[[str], str]
+) -> None:
+    problem = schemas.problem(kind, request)
+    if problem is not None:
+        path, message = problem
+        raise _bad(f"{name(path)}: {message}")

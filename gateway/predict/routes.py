@@ -1,29 +1,101 @@
-"""The aiohttp binding of the predict routes."""
+"""The aiohttp binding of the predict routes: /generate, /predict, $AIP_PREDICT_ROUTE."""
 
 from __future__ import annotations
 
+import asyncio
+
+import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.predict.protocol import parse_body, parse_instances
-from gateway.predict.serving import predict
+from gateway.admission import Admission
+from gateway.engine_client import call_json
+from gateway.errors import ApiError
+from gateway.predict.protocol import PredictRequest, parse_request
+from gateway.predict.responses import error_event
+from gateway.predict.serving import deadline_error, predict, stream
+from gateway.predict.validation import RequestSchemas
+
+SCHEMA_TIMEOUT_S = 10
 
 
-async def predict_handler(request: web.Request) -> web.Response:
+class EngineSchemas:
+    """The engines' request schemas, fetched once from vLLM's /openapi.json."""
+
+    def __init__(self) -> None:
+        self._schemas: RequestSchemas | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self, session: aiohttp.ClientSession) -> RequestSchemas:
+        async with self._lock:
+            if self._schemas is None:
+                try:
+                    async with asyncio.timeout(SCHEMA_TIMEOUT_S):
+                        document = await call_json(session, "/openapi.json", None, "engine")
+                except TimeoutError:
+                    raise ApiError(
+                        503, f"engine: no request schema within {SCHEMA_TIMEOUT_S} s"
+                    ) from None
+                self._schemas = RequestSchemas(document)
+        return self._schemas
+
+
+async def predict_handler(request: web.Request) -> web.StreamResponse:
     app = request.app
-    instances = parse_instances(parse_body(await request.read()))
-    answers = await predict(
-        app["engine_session"],
-        instances,
-        app["config"].request_timeout,
-        request.headers.get("X-Request-Id"),
-    )
+    config = app["config"]
+    session = app["engine_session"]
+    schemas = await app["engine_schemas"].get(session)
+    parsed = parse_request(await request.read(), schemas, config.max_instances)
+    request_id = request.headers.get("X-Request-Id")
+    admission: Admission = app["admission"]
+    with admission.hold(len(parsed.instances)):
+        if parsed.stream:
+            return await _stream(request, parsed, config.request_timeout, request_id)
+        answers = await predict(session, parsed.instances, config.request_timeout, request_id)
     return web.Response(
         body=orjson.dumps({"predictions": answers}), content_type="application/json"
     )
 
 
+async def _stream(
+    request: web.Request, parsed: PredictRequest, timeout: float, request_id: str | None
+) -> web.StreamResponse:
+    """Send each event as it comes; the deadline covers the whole stream."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    events = stream(
+        request.app["engine_session"], parsed.instances[0], parsed.stream_format, request_id
+    )
+    try:
+        try:
+            async with asyncio.timeout_at(deadline):
+                first = await anext(events, b"")  # an engine refusal is still a JSON error
+        except TimeoutError:
+            raise deadline_error(timeout) from None
+        sse = parsed.stream_format == "sse"
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream" if sse else "application/octet-stream",
+                "Cache-Control": "no-cache",
+            }
+        )
+        await response.prepare(request)
+        await response.write(first)
+        try:
+            async with asyncio.timeout_at(deadline):
+                async for event in events:
+                    await response.write(event)
+        except (TimeoutError, ApiError) as e:
+            error = deadline_error(timeout) if isinstance(e, TimeoutError) else e
+            await response.write(error_event(error.status, error.message, parsed.stream_format))
+        await response.write_eof()
+        return response
+    finally:
+        await events.aclose()  # closes the engine connection: vLLM stops generating
+
+
 def add_routes(app: web.Application, extra_route: str | None) -> None:
     """/generate, /predict and Vertex's AIP_PREDICT_ROUTE."""
+    app["engine_schemas"] = EngineSchemas()
     for path in dict.fromkeys(["/generate", "/predict", extra_route or "/predict"]):
         app.router.add_post(path, predict_handler)
