@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,10 @@ from engine.workers import EngineWorker, load_workers
 from tests.helpers import free_port, http_json, stop_tree, wait_for
 
 STARTUP_DEADLINE_S = 600
+MAX_INFLIGHT = 16  # 8 per gateway worker
+REQUEST_TIMEOUT_S = 20
+MAX_MODEL_LEN = 1024
+HF_TOKEN = "hf_vgate_test_token"  # as Google's container takes it: from the environment
 # As Vertex sets them: both start with /v1/, which is otherwise vLLM's.
 VERTEX_ENV = {
     "AIP_HEALTH_ROUTE": "/v1/endpoints/123/deployedModels/456",
@@ -53,8 +58,32 @@ class Stack:
                 totals[(s.name, s.labels.get("replica", ""))] += s.value
         return totals
 
+    def total(self, name: str) -> float:
+        """A metric summed over every replica and label."""
+        return sum(v for (n, _), v in self.metrics().items() if n == name)
+
+    def generated_once_idle(self, before: float) -> float:
+        """Tokens generated since `before`, once the engines run nothing and stay so.
+
+        A generation still going would keep adding tokens: check it does not.
+        """
+        wait_for(
+            lambda: self.total("vllm:num_requests_running") == 0,
+            30,
+            "the engines to stop running",
+        )
+        generated = self.total("vllm:generation_tokens_total") - before
+        time.sleep(1)
+        assert self.total("vllm:generation_tokens_total") - before == generated
+        return generated
+
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The lifecycle tests run last: the last of them stops the stack."""
+    items.sort(key=lambda item: item.module.__name__.endswith("test_lifecycle"))
 
 
 @pytest.fixture(scope="session")
@@ -64,9 +93,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     port = free_port()
     argv = [
         sys.executable, "-m", "gateway.cli", "serve",
-        "--host", "127.0.0.1", "--run-dir", str(run_dir),
-        "--replicas", "2", "--gateway-workers", "2", "--stop-grace", "20",
-        "--max-model-len", "1024",
+        # Google's container's argument forms, engine flags included.
+        "--host=127.0.0.1", f"--max-model-len={MAX_MODEL_LEN}", "--gpu-memory-utilization=0.9",
+        "--max-loras=1",
+        "--run-dir", str(run_dir), "--replicas", "2", "--gateway-workers", "2",
+        "--stop-grace", "20", f"--max-inflight={MAX_INFLIGHT}",
+        f"--request-timeout={REQUEST_TIMEOUT_S}",
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -74,7 +106,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, **VERTEX_ENV, "AIP_HTTP_PORT": str(port)},
+            env={**os.environ, **VERTEX_ENV, "AIP_HTTP_PORT": str(port), "HF_TOKEN": HF_TOKEN},
         )
     s = Stack(proc, f"http://127.0.0.1:{port}", run_dir, log)
 

@@ -90,3 +90,25 @@ def test_save_and_load_round_trip(tmp_path) -> None:
     config = resolve(["--port", "9", "--max-model-len", "5"], {"AIP_PREDICT_ROUTE": "/x"})
     config.save(tmp_path / "c.json")
     assert Config.load(tmp_path / "c.json") == config
+
+
+def test_google_container_argument_forms() -> None:
+    argv = [
+        "--host=0.0.0.0",
+        "--port=7080",
+        "--model=/models/llama",
+        "--max-model-len=4096",
+        "--gpu-memory-utilization=0.95",
+        "--max-loras=4",
+    ]
+    config = resolve(argv, {"HF_TOKEN": "x"})
+    assert (config.host, config.port, config.model) == ("0.0.0.0", 7080, "/models/llama")
+    assert config.engine_args == argv[3:]
+
+
+def test_predict_limits() -> None:
+    assert (Config().max_instances, Config().max_inflight) == (64, None)
+    config = resolve(["--max-instances=8", "--max-inflight", "32"], {})
+    assert (config.max_instances, config.max_inflight) == (8, 32)
+    with pytest.raises(ConfigError, match="--max-inflight: invalid value '0'"):
+        resolve(["--max-inflight", "0"], {})

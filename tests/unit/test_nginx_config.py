@@ -18,6 +18,14 @@ def test_front_door_and_internal_listener(tmp_path) -> None:
     assert "proxy_read_timeout 600s;" in text
 
 
+def test_openai_routes_share_the_inflight_cap_and_answer_429(tmp_path) -> None:
+    text = render_nginx(resolve(["--max-inflight", "24", "--request-timeout", "60"], {}), tmp_path)
+    assert text.count("limit_conn openai 24;") == 2  # /v1/ and the other engine routes
+    assert "limit_conn_status 429;" in text and "error_page 429 = @over_capacity;" in text
+    # The gateways keep the predict deadline themselves: nginx waits a little longer.
+    assert "proxy_read_timeout 65s;" in text
+
+
 def test_ipv6_host_is_bracketed(tmp_path) -> None:
     assert "listen [::]:8080" in render_nginx(resolve(["--host", "::"], {}), tmp_path)
 

@@ -1,15 +1,41 @@
-"""Predict translation and validation: pure functions, no server."""
+"""Predict parsing, translation and response shapes: pure functions, no server."""
 
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
 import pytest
 
 from gateway.errors import ApiError
-from gateway.predict.protocol import TextInstance, parse_body, parse_instances
-from gateway.predict.serving import completion_request, format_text, predictions
+from gateway.predict.protocol import (
+    CHAT_ROUTE,
+    COMPLETIONS_ROUTE,
+    Instance,
+    PredictRequest,
+    parse_request,
+)
+from gateway.predict.responses import (
+    done_event,
+    error_event,
+    format_text,
+    predictions,
+    stream_delta,
+    text_event,
+)
+from gateway.predict.validation import RequestSchemas
+
+USER = [{"role": "user", "content": "hi"}]
 
 
-def _error(body: bytes) -> str:
+def _parse(schemas: RequestSchemas, body: Any, max_instances: int = 64) -> PredictRequest:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    return parse_request(raw, schemas, max_instances)
+
+
+def _error(schemas: RequestSchemas, body: Any, max_instances: int = 64) -> str:
     with pytest.raises(ApiError) as info:
-        parse_instances(parse_body(body))
+        _parse(schemas, body, max_instances)
     assert info.value.status == 400
     return info.value.message
 
@@ -17,67 +43,223 @@ def _error(body: bytes) -> str:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        (b"{", "not valid JSON"),
-        (b"[1]", "must be a JSON object"),
-        (b"{}", "instances: required"),
-        (b'{"instances": {"prompt": "a"}}', "instances: must be a list"),
-        (b'{"instances": []}', "instances: must not be empty"),
-        (b'{"instances": ["a"]}', "instances[0]: must be an object"),
-        (b'{"instances": [{"prompt": "a"}, {}]}', "instances[1].prompt: required"),
-        (b'{"instances": [{"prompt": 3}]}', "instances[0].prompt: must be a string"),
-        (b'{"instances": [{"prompt": "a", "raw_response": 1}]}', "instances[0].raw_response"),
-        (b'{"instances": [{"prompt": "a"}], "parameters": []}', "parameters: must be an object"),
+        (b"{", "request body is not valid JSON"),
+        (b"[1]", "request body must be a JSON object"),
+        ({}, "instances: required"),
+        ({"instances": [], "model": "x"}, "model: unknown field"),
+        ({"instances": {"prompt": "a"}}, "instances: must be a list"),
+        ({"instances": []}, "instances: must not be empty"),
+        ({"instances": ["a"]}, "instances[0]: must be an object"),
+        ({"instances": [{"prompt": "a"}, {}]}, "instances[1].prompt: required"),
+        ({"instances": [{"prompt": 3}]}, "instances[0].prompt: must be a string"),
+        ({"instances": [{"prompt": "a", "raw_response": 1}]}, "instances[0].raw_response"),
+        ({"instances": [{"prompt": "a"}], "parameters": []}, "parameters: must be an object"),
+        (
+            {"instances": [{"prompt": "a"}, {"prompt": "b", "max_tokens": -1}]},
+            "instances[1].max_tokens: must be a positive integer",
+        ),
+        (
+            {"instances": [{"prompt": "a"}], "parameters": {"max_tokens": "x"}},
+            "instances[0].max_tokens (from parameters): must be a positive integer",
+        ),
+        ({"instances": [{"prompt": "a", "colour": 1}]}, "instances[0].colour: unknown field"),
+        ({"instances": [{"prompt": "a", "@requestFormat": "x"}]}, "instances[0].@requestFormat"),
+        ({"@requestFormat": "chat", "instances": [{}]}, "@requestFormat: must be"),
+        (
+            {"@requestFormat": "chatCompletions", "instances": [{"prompt": "a"}]},
+            "instances[0].messages: required for a chat instance",
+        ),
+        (
+            {"instances": [{"@requestFormat": "chatCompletions", "messages": USER, "n": 0}]},
+            "instances[0].n: must be a positive integer",
+        ),
+        (
+            {
+                "instances": [
+                    {"messages": USER, "@requestFormat": "chatCompletions", "raw_response": True}
+                ]
+            },
+            "instances[0].raw_response: only for text-generation instances",
+        ),
+        (
+            {"instances": [{"prompt": "a", "stream": True}, {"prompt": "b"}]},
+            "instances[0].stream: streaming takes exactly one instance, got 2",
+        ),
+        ({"instances": [{"prompt": "a", "stream": "yes"}]}, "instances[0].stream: must be true"),
+        (
+            {"instances": [{"prompt": "a", "stream": True, "n": 2}]},
+            "instances[0].n: a streamed text-generation instance takes n = 1",
+        ),
+        ({"instances": [{"prompt": "a", "stream_format": "xml"}]}, "instances[0].stream_format"),
+        (
+            {"instances": [{"prompt": "a", "multi_modal_data": {"smell": "x"}}]},
+            "instances[0].multi_modal_data.smell: unknown kind",
+        ),
+        (
+            {"instances": [{"prompt": "a", "multi_modal_data": {"image": 3}}]},
+            "instances[0].multi_modal_data.image: must be a URL",
+        ),
+        (
+            {
+                "instances": [
+                    {"prompt": "a", "suffix": "b", "multi_modal_data": {"image": "http://i"}}
+                ]
+            },
+            "instances[0].suffix: not available with multi_modal_data",
+        ),
+        ({"instances": [{"prompt": "a", "dynamic-lora": ""}]}, "instances[0].dynamic-lora"),
     ],
 )
-def test_bad_requests_name_what_is_wrong(body: bytes, message: str) -> None:
-    assert message in _error(body)
+def test_bad_requests_name_what_is_wrong(schemas: RequestSchemas, body: Any, message: str) -> None:
+    assert _error(schemas, body).startswith(message)
 
 
-def test_parameters_are_defaults_and_instance_fields_win() -> None:
-    (a, b) = parse_instances(
-        parse_body(
-            b'{"instances": [{"prompt": "x", "max_tokens": 3}, {"prompt": "y"}],'
-            b' "parameters": {"max_tokens": 9, "temperature": 0, "raw_response": true}}'
-        )
+def test_at_most_max_instances(schemas: RequestSchemas) -> None:
+    body = {"instances": [{"prompt": "a"}] * 3}
+    assert _error(schemas, body, max_instances=2).startswith("instances: at most 2 per request")
+    assert len(_parse(schemas, body, max_instances=3).instances) == 3
+
+
+def test_parameters_are_defaults_and_instance_fields_win(schemas: RequestSchemas) -> None:
+    parsed = _parse(
+        schemas,
+        {
+            "instances": [{"prompt": "x", "max_tokens": 3}, {"prompt": "y"}],
+            "parameters": {"max_tokens": 9, "temperature": 0, "raw_response": True},
+        },
     )
-    assert a == TextInstance("x", True, {"max_tokens": 3, "temperature": 0})
-    assert b == TextInstance("y", True, {"max_tokens": 9, "temperature": 0})
+    a, b = parsed.instances
+    assert a == Instance(
+        False, COMPLETIONS_ROUTE, {"model": "", "max_tokens": 3, "temperature": 0, "prompt": "x"},
+        "x", True,
+    )  # fmt: skip
+    assert b.request == {"model": "", "max_tokens": 9, "temperature": 0, "prompt": "y"}
 
 
-def test_sampling_fields_reach_the_engine_request_unchanged() -> None:
-    inst = TextInstance("hi", False, {"max_tokens": 4, "stop": ["x"], "seed": 1, "n": 2})
-    assert completion_request(inst) == {
+def test_sampling_fields_reach_the_engine_request_unchanged(schemas: RequestSchemas) -> None:
+    fields = {"max_tokens": 4, "stop": ["x"], "seed": 1, "n": 2, "logprobs": 3, "ignore_eos": True}
+    (inst,) = _parse(schemas, {"instances": [{"prompt": "hi", **fields}]}).instances
+    assert inst.request == {"model": "", "prompt": "hi", **fields}
+
+
+def test_a_chat_instance_is_the_chat_request(schemas: RequestSchemas) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    chat = {"messages": USER, "tools": tools, "tool_choice": "auto", "max_tokens": 3}
+    parsed = _parse(
+        schemas,
+        {
+            "@requestFormat": "chatCompletions",
+            "instances": [chat, {**chat, "model": "m"}],
+            "parameters": {"temperature": 0.5, "raw_response": True},  # raw_response: text only
+        },
+    )
+    first, second = parsed.instances
+    assert first.chat and first.route == CHAT_ROUTE
+    assert first.request == {"model": "", "temperature": 0.5, **chat}
+    assert second.request["model"] == "m"
+
+
+def test_mixed_instances(schemas: RequestSchemas) -> None:
+    body = {"instances": [{"prompt": "a"}, {"@requestFormat": "chatCompletions", "messages": USER}]}
+    text, chat = _parse(schemas, body).instances
+    assert (text.chat, chat.chat) == (False, True)
+
+
+def test_dynamic_lora_names_the_model(schemas: RequestSchemas) -> None:
+    (inst,) = _parse(schemas, {"instances": [{"prompt": "a", "dynamic-lora": "sql"}]}).instances
+    assert inst.request["model"] == "sql"
+
+
+def test_multi_modal_data_goes_as_one_user_message(schemas: RequestSchemas) -> None:
+    media = {"image": ["https://a/1.png", "data:image/png;base64,AA"], "audio": "https://a/x.wav"}
+    body = {"instances": [{"prompt": "what?", "multi_modal_data": media, "max_tokens": 5}]}
+    (inst,) = _parse(schemas, body).instances
+    assert not inst.chat and inst.route == CHAT_ROUTE and inst.prompt == "what?"
+    assert inst.request == {
         "model": "",
-        "prompt": "hi",
-        "max_tokens": 4,
-        "stop": ["x"],
-        "seed": 1,
-        "n": 2,
+        "max_tokens": 5,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "https://a/1.png"}},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}},
+                    {"type": "audio_url", "audio_url": {"url": "https://a/x.wav"}},
+                    {"type": "text", "text": "what?"},
+                ],
+            }
+        ],
     }
 
 
-def test_framing_follows_google_unless_raw() -> None:
-    assert format_text(TextInstance("  hi \n"), "out") == "Prompt:\nhi\nOutput:\nout"
-    assert format_text(TextInstance("hi", raw_response=True), "out") == "out"
+def test_streaming_and_its_format(schemas: RequestSchemas) -> None:
+    parsed = _parse(schemas, {"instances": [{"prompt": "a", "stream": True}]})
+    assert parsed.stream and parsed.stream_format == "sse"
+    assert "stream" not in parsed.instances[0].request
+    body = {"instances": [{"prompt": "a"}], "parameters": {"stream": True, "stream_format": "nul"}}
+    assert _parse(schemas, body).stream_format == "nul"
+    chat = {"@requestFormat": "chatCompletions", "messages": USER, "stream": True}
+    assert _error(schemas, {"instances": [{**chat, "stream_format": "nul"}]}).startswith(
+        "instances[0].stream_format: 'nul' is for text-generation instances only"
+    )
+
+
+# --- responses --------------------------------------------------------------------------
+
+
+def _text(prompt: str = "p", raw: bool = True, route: str = COMPLETIONS_ROUTE) -> Instance:
+    return Instance(False, route, {}, prompt, raw)
+
+
+CHAT_INSTANCE = Instance(True, CHAT_ROUTE, {})
 
 
 def _completion(*texts: str) -> dict:
     return {"choices": [{"index": i, "text": t} for i, t in enumerate(texts)]}
 
 
+def test_framing_follows_google_unless_raw() -> None:
+    assert format_text(_text("  hi \n", raw=False), "out") == "Prompt:\nhi\nOutput:\nout"
+    assert format_text(_text("hi"), "out") == "out"
+
+
 def test_predictions_keep_instance_order() -> None:
-    insts = [TextInstance(str(i), raw_response=True) for i in range(3)]
+    insts = [_text(str(i)) for i in range(3)]
     assert predictions(insts, [_completion(f"t{i}") for i in range(3)]) == ["t0", "t1", "t2"]
 
 
 def test_n_above_one_one_instance_gives_one_entry_per_sequence() -> None:
-    insts = [TextInstance("p", raw_response=True)]
-    assert predictions(insts, [_completion("a", "b")]) == ["a", "b"]
+    assert predictions([_text()], [_completion("a", "b")]) == ["a", "b"]
 
 
 def test_n_above_one_several_instances_give_a_list_each() -> None:
-    insts = [TextInstance("p", raw_response=True)] * 2
-    assert predictions(insts, [_completion("a", "b"), _completion("c", "d")]) == [
-        ["a", "b"],
-        ["c", "d"],
+    answers = [_completion("a", "b"), _completion("c", "d")]
+    assert predictions([_text(), _text()], answers) == [["a", "b"], ["c", "d"]]
+
+
+def test_a_lone_chat_instance_is_the_object_several_a_list() -> None:
+    completion = {"object": "chat.completion", "choices": []}
+    assert predictions([CHAT_INSTANCE], [completion]) == completion
+    assert predictions([CHAT_INSTANCE, _text()], [completion, _completion("x")]) == [
+        completion,
+        "x",
     ]
+
+
+def test_a_text_instance_sent_as_chat_reads_the_message() -> None:
+    answer = {"choices": [{"message": {"role": "assistant", "content": "cat"}}]}
+    assert predictions([_text(route=CHAT_ROUTE)], [answer]) == ["cat"]
+
+
+def test_stream_deltas() -> None:
+    assert stream_delta(_text(), {"choices": [{"text": "ab"}]}) == "ab"
+    assert stream_delta(_text(route=CHAT_ROUTE), {"choices": [{"delta": {"content": "c"}}]}) == "c"
+    assert stream_delta(_text(), {"choices": [], "usage": {}}) == ""
+
+
+def test_stream_events() -> None:
+    assert text_event("é", "sse") == 'data: {"predictions":["é"]}\n\n'.encode()
+    assert text_event("a", "nul") == b'{"predictions":["a"]}\0'
+    assert done_event("sse") == b"data: [DONE]\n\n" and done_event("nul") == b""
+    event = error_event(504, "late", "sse")
+    assert orjson.loads(event.removeprefix(b"data: "))["error"]["code"] == 504

@@ -13,11 +13,15 @@ from aiohttp import web
 
 from gateway.engine_client import engine_session
 from gateway.errors import ApiError
-from gateway.predict.protocol import TextInstance
+from gateway.predict.protocol import COMPLETIONS_ROUTE, Instance
 from gateway.predict.serving import predict
 
 
-async def _with_engine(tmp_path: Path, instances: list[TextInstance], timeout: float):
+def _inst(prompt: str, raw: bool = False) -> Instance:
+    return Instance(False, COMPLETIONS_ROUTE, {"prompt": prompt}, prompt, raw)
+
+
+async def _with_engine(tmp_path: Path, instances: list[Instance], timeout: float):
     """Run predict against a stand-in; return (outcome, how many engine calls were cancelled)."""
     cancelled = 0
 
@@ -55,13 +59,13 @@ async def _with_engine(tmp_path: Path, instances: list[TextInstance], timeout: f
 
 
 def test_answers_come_back_in_order(tmp_path: Path) -> None:
-    insts = [TextInstance("fast", raw_response=True), TextInstance("fast")]
+    insts = [_inst("fast", raw=True), _inst("fast")]
     outcome, _ = asyncio.run(_with_engine(tmp_path, insts, 5))
     assert outcome == ["FAST", "Prompt:\nfast\nOutput:\nFAST"]
 
 
 def test_a_failed_instance_fails_the_request_and_cancels_the_others(tmp_path: Path) -> None:
-    insts = [TextInstance("slow"), TextInstance("bad"), TextInstance("slow")]
+    insts = [_inst("slow"), _inst("bad"), _inst("slow")]
     outcome, cancelled = asyncio.run(_with_engine(tmp_path, insts, 20))
     assert isinstance(outcome, ApiError) and outcome.status == 400
     assert outcome.message == "instances[1]: too long"
@@ -69,7 +73,7 @@ def test_a_failed_instance_fails_the_request_and_cancels_the_others(tmp_path: Pa
 
 
 def test_the_deadline_gives_504_and_cancels_engine_work(tmp_path: Path) -> None:
-    insts = [TextInstance("fast"), TextInstance("slow")]
+    insts = [_inst("fast"), _inst("slow")]
     outcome, cancelled = asyncio.run(_with_engine(tmp_path, insts, 0.5))
     assert isinstance(outcome, ApiError) and outcome.status == 504
     assert outcome.message == "the request did not finish within 0.5 s"

@@ -1,0 +1,377 @@
+"""Vertex predict on the real stack: every row of shared/VERTEX.md, through the front door."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import psutil
+import pytest
+
+from tests.e2e.conftest import (
+    HF_TOKEN,
+    MAX_INFLIGHT,
+    MAX_MODEL_LEN,
+    REQUEST_TIMEOUT_S,
+    VERTEX_ENV,
+    Stack,
+)
+from tests.helpers import descendants, http_json, wait_for
+
+pytestmark = pytest.mark.e2e
+
+CHAT = "chatCompletions"
+USER = [{"role": "user", "content": "Say something."}]
+LONG = {"max_tokens": 1000, "ignore_eos": True}  # about 1000 tokens of work per sequence
+
+
+def _chat(**fields: Any) -> dict[str, Any]:
+    return {"@requestFormat": CHAT, "messages": USER, **fields}
+
+
+def _predict(stack: Stack, body: object, path: str = "/predict") -> tuple[int, Any]:
+    return stack.request(path, body, timeout=REQUEST_TIMEOUT_S + 30)
+
+
+def _ok(stack: Stack, body: object) -> Any:
+    status, answer = _predict(stack, body)
+    assert status == 200, answer
+    return answer["predictions"]
+
+
+def _error(stack: Stack, body: object, status: int) -> str:
+    got, answer = _predict(stack, body)
+    assert got == status, answer
+    assert answer["error"]["code"] == status
+    return answer["error"]["message"]
+
+
+# --- shapes -----------------------------------------------------------------------------
+
+
+def test_every_instance_is_answered_in_order_64_of_them(stack: Stack) -> None:
+    prompts = [f"story number {i}" for i in range(64)]
+    predictions = _ok(
+        stack,
+        {
+            # echo: the engine's own answer repeats the prompt it was given.
+            "instances": [{"prompt": p, "echo": True} for p in prompts],
+            "parameters": {"max_tokens": 4, "raw_response": True},
+        },
+    )
+    assert len(predictions) == len(prompts)
+    for prompt, prediction in zip(prompts, predictions, strict=True):
+        assert prediction.startswith(prompt) and len(prediction) > len(prompt)
+
+
+def test_parameters_are_defaults_and_instance_fields_win(stack: Stack) -> None:
+    predictions = _ok(
+        stack,
+        {
+            "instances": [_chat(max_tokens=5), _chat(), {"prompt": "hi"}],
+            "parameters": {"max_tokens": 3, "ignore_eos": True, "raw_response": True},
+        },
+    )
+    assert predictions[0]["usage"]["completion_tokens"] == 5
+    assert predictions[1]["usage"]["completion_tokens"] == 3
+    assert isinstance(predictions[2], str)  # raw_response from parameters: no framing
+    assert not predictions[2].startswith("Prompt:")
+
+
+def test_a_single_chat_instance_is_the_chat_completion_itself(stack: Stack) -> None:
+    status, answer = _predict(
+        stack,
+        {"@requestFormat": CHAT, "instances": [{"messages": USER, "max_tokens": 4}]},
+        VERTEX_ENV["AIP_PREDICT_ROUTE"],
+    )
+    assert status == 200, answer
+    prediction = answer["predictions"]
+    assert prediction["object"] == "chat.completion"
+    assert prediction["choices"][0]["message"]["role"] == "assistant"
+    assert isinstance(prediction["choices"][0]["message"]["content"], str)
+
+
+def test_several_chat_instances_give_a_list_in_order(stack: Stack) -> None:
+    lengths = [2, 5, 3, 4]
+    predictions = _ok(stack, {"instances": [_chat(max_tokens=n, ignore_eos=True) for n in lengths]})
+    assert [p["usage"]["completion_tokens"] for p in predictions] == lengths
+
+
+def test_mixed_text_and_chat_instances(stack: Stack) -> None:
+    predictions = _ok(
+        stack, {"instances": [{"prompt": "hello", "max_tokens": 3}, _chat(max_tokens=3)]}
+    )
+    assert predictions[0].startswith("Prompt:\nhello\nOutput:\n")
+    assert predictions[1]["object"] == "chat.completion"
+
+
+def test_n_above_one(stack: Stack) -> None:
+    one = _ok(stack, {"instances": [{"prompt": "a", "n": 3, "max_tokens": 3}]})
+    assert len(one) == 3 and all(p.startswith("Prompt:\na\nOutput:\n") for p in one)
+    two = _ok(stack, {"instances": [{"prompt": "a", "n": 2}, {"prompt": "b", "n": 2}]})
+    assert [len(p) for p in two] == [2, 2] and two[1][0].startswith("Prompt:\nb\n")
+    chat = _ok(stack, {"instances": [_chat(n=2, max_tokens=3)]})
+    assert len(chat["choices"]) == 2
+
+
+def test_sampling_fields_reach_the_engine(stack: Stack) -> None:
+    chat = _ok(stack, {"instances": [_chat(max_tokens=3, logprobs=True, top_logprobs=2)]})
+    assert [len(t["top_logprobs"]) for t in chat["choices"][0]["logprobs"]["content"]] == [2] * 3
+    seeded = {"prompt": "x", "max_tokens": 12, "temperature": 1.0, "seed": 7}
+    first, second = _ok(stack, {"instances": [seeded, seeded], "parameters": {}})
+    assert first == second  # the same seed samples the same text, on either replica
+    stopped = _ok(
+        stack, {"instances": [{**LONG, "prompt": "x", "stop": ["e"], "ignore_eos": False}]}
+    )
+    assert "e" not in stopped[0].split("Output:\n", 1)[1]
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+def test_an_invalid_instance_fails_the_request_before_any_generation(stack: Stack) -> None:
+    before = stack.total("vllm:generation_tokens_total")
+    instances = [{"prompt": "a", "max_tokens": 50}] * 2 + [{"prompt": "c", "max_tokens": 0}]
+    assert _error(stack, {"instances": instances}, 400) == (
+        "instances[2].max_tokens: must be a positive integer"
+    )
+    message = _error(stack, {"instances": [{"prompt": "a", "max_tokns": 5}]}, 400)
+    assert message == "instances[0].max_tokns: unknown field (did you mean 'max_tokens'?)"
+    assert stack.total("vllm:generation_tokens_total") == before
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"instances": [{"prompt": "a"}] * 65}, 400, "instances: at most 64 per request, got 65"),
+        ({"instances": [{"prompt": "word " * 3000}]}, 400, "instances[0]: This model's maximum"),
+        (
+            {"instances": [_chat(messages=[{"role": "user", "content": 5}])]},
+            400,
+            "instances[0].messages[0].content: must be string or array",
+        ),
+        (
+            {"instances": [{"prompt": "a", "dynamic-lora": "no-such-adapter"}]},
+            404,
+            "instances[0]: The model `no-such-adapter` does not exist",
+        ),
+        (
+            {"instances": [{"prompt": "a", "stream": True}] * 2},
+            400,
+            "instances[0].stream: streaming takes exactly one instance, got 2",
+        ),
+    ],
+)
+def test_errors_say_what_was_wrong(stack: Stack, body: dict, status: int, message: str) -> None:
+    assert _error(stack, body, status).startswith(message)
+
+
+PIXEL = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQ"
+    "GAhKmMIQAAAABJRU5ErkJggg=="
+)
+
+
+def test_images_reach_the_engine_and_a_text_model_refuses_them(stack: Stack) -> None:
+    text = {"prompt": "What is this?", "multi_modal_data": {"image": PIXEL}}
+    chat = _chat(
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": PIXEL}}]}]
+    )
+    for instance in (text, chat):
+        message = _error(stack, {"instances": [{"prompt": "fine"}, instance]}, 400)
+        assert message == "instances[1]: vgate-demo is not a multimodal model"
+
+
+def test_a_body_too_large_is_413(stack: Stack) -> None:
+    status, _, answer = http_json(
+        stack.base + "/predict", {"instances": [{"prompt": "a" * 1_600_000}]}
+    )
+    assert status == 413 and answer["error"]["status"] == "REQUEST_TOO_LARGE"
+
+
+# --- cancellation -----------------------------------------------------------------------
+
+
+def test_a_failed_instance_cancels_the_others_engine_work(stack: Stack) -> None:
+    before = stack.total("vllm:generation_tokens_total")
+    asked = 3 * LONG["max_tokens"]
+    instances = [{**LONG, "prompt": "go"}] * 3 + [{"prompt": "word " * 3000}]
+    assert _error(stack, {"instances": instances}, 400).startswith("instances[3]: ")
+    generated = stack.generated_once_idle(before)
+    assert generated < asked / 2, f"{generated} of {asked} tokens were generated"
+
+
+def test_the_deadline_gives_504_and_stops_the_generation(stack: Stack) -> None:
+    before = stack.total("vllm:generation_tokens_total")
+    # About 128k tokens: far more than the engines make in REQUEST_TIMEOUT_S here.
+    instances = [{**LONG, "prompt": "go", "n": 8}] * 16
+    start = time.monotonic()
+    message = _error(stack, {"instances": instances}, 504)
+    took = time.monotonic() - start
+    assert message == f"the request did not finish within {REQUEST_TIMEOUT_S} s"
+    assert REQUEST_TIMEOUT_S <= took < REQUEST_TIMEOUT_S + 5
+    generated = stack.generated_once_idle(before)
+    assert generated < 16 * 8 * LONG["max_tokens"] / 2, generated
+
+
+def _send(stack: Stack, body: object) -> http.client.HTTPConnection:
+    url = urlsplit(stack.base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.request("POST", "/predict", json.dumps(body), {"Content-Type": "application/json"})
+    return conn
+
+
+def _hang_up(conn: http.client.HTTPConnection) -> None:
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_client_that_disconnects_cancels_every_instance(stack: Stack, streamed: bool) -> None:
+    before = stack.total("vllm:generation_tokens_total")
+    count = 1 if streamed else 4
+    conn = _send(stack, {"instances": [{**LONG, "prompt": "go", "stream": streamed}] * count})
+    if streamed:
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    else:
+        wait_for(
+            lambda: stack.total("vllm:num_requests_running") >= count, 30, "generation to start"
+        )
+    _hang_up(conn)
+    generated = stack.generated_once_idle(before)
+    assert generated < count * LONG["max_tokens"] / 2, generated
+
+
+# --- streaming --------------------------------------------------------------------------
+
+
+def _stream(stack: Stack, body: object) -> tuple[int, str, list[tuple[float, bytes]]]:
+    """(status, content type, [(seconds since the request, bytes read)]) of a predict call."""
+    start = time.monotonic()
+    resp = _send(stack, body).getresponse()
+    reads = []
+    while data := resp.read1(65536):
+        reads.append((time.monotonic() - start, data))
+    return resp.status, resp.getheader("Content-Type", ""), reads
+
+
+def _events(reads: list[tuple[float, bytes]], separator: bytes) -> list[tuple[float, bytes]]:
+    """Each event with the time its last byte arrived."""
+    events, pending = [], b""
+    for when, data in reads:
+        *done, pending = (pending + data).split(separator)
+        events += [(when, e) for e in done if e]
+    assert not pending, f"the stream ended inside an event: {pending[:80]!r}"
+    return events
+
+
+def _arrives_early(events: list[tuple[float, Any]], first: int) -> None:
+    """Deltas come as the engine makes them: the first long before the last."""
+    assert events[first][0] < events[-1][0] / 3, (events[first][0], events[-1][0])
+
+
+def test_text_streams_as_server_sent_events(stack: Stack) -> None:
+    body = {"instances": [{**LONG, "max_tokens": 600, "prompt": " hi ", "stream": True}]}
+    status, kind, reads = _stream(stack, body)
+    assert status == 200 and kind.startswith("text/event-stream")
+    events = _events(reads, b"\n\n")
+    assert events[-1][1] == b"data: [DONE]"
+    deltas = [orjson.loads(e.removeprefix(b"data: "))["predictions"] for _, e in events[:-1]]
+    assert all(len(d) == 1 and isinstance(d[0], str) for d in deltas)
+    text = "".join(d[0] for d in deltas)
+    assert deltas[0] == ["Prompt:\nhi\nOutput:\n"] and len(text) > len(deltas[0][0])
+    assert len(deltas) > 100  # one event per token or so, not one blob
+    _arrives_early(events, first=1)  # event 0 is the framing
+
+
+def test_chat_streams_openai_chunks(stack: Stack) -> None:
+    body = {"instances": [_chat(**LONG, max_tokens=600, stream=True)]}
+    status, kind, reads = _stream(stack, body)
+    assert status == 200 and kind.startswith("text/event-stream")
+    events = _events(reads, b"\n\n")
+    assert events[-1][1] == b"data: [DONE]"
+    chunks = [orjson.loads(e.removeprefix(b"data: ")) for _, e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert sum(bool(c["choices"] and c["choices"][0]["delta"].get("content")) for c in chunks) > 100
+    _arrives_early(events, first=1)
+
+
+def test_the_legacy_nul_separated_format(stack: Stack) -> None:
+    instance = {**LONG, "max_tokens": 600, "prompt": "hi", "stream": True}
+    body = {"instances": [instance], "parameters": {"stream_format": "nul", "raw_response": True}}
+    status, kind, reads = _stream(stack, body)
+    assert status == 200 and kind == "application/octet-stream"
+    events = _events(reads, b"\0")
+    chunks = [orjson.loads(e) for _, e in events]
+    assert all(list(c) == ["predictions"] and len(c["predictions"]) == 1 for c in chunks)
+    assert len(chunks) > 100
+    _arrives_early(events, first=0)
+
+
+def test_a_streamed_request_the_engine_refuses_is_a_plain_json_error(stack: Stack) -> None:
+    body = {"instances": [{"prompt": "word " * 3000, "stream": True}]}
+    assert _error(stack, body, 400).startswith("instances[0]: This model's maximum")
+
+
+# --- admission --------------------------------------------------------------------------
+
+
+def _burst(count: int, call: Callable[[int], tuple[int, dict, Any]]) -> list[tuple]:
+    """`count` calls released at once."""
+    gate = threading.Barrier(count)
+
+    def one(i: int) -> tuple[int, dict, Any]:
+        gate.wait(timeout=30)
+        return call(i)
+
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def _check_burst(answers: list[tuple[int, dict, Any]]) -> None:
+    statuses = [a[0] for a in answers]
+    assert set(statuses) == {200, 429}, statuses
+    for status, headers, body in answers:
+        if status == 429:
+            assert headers["Retry-After"] and body["error"]["status"] == "RESOURCE_EXHAUSTED"
+
+
+def test_predict_over_max_inflight_gets_429(stack: Stack) -> None:
+    # Each gateway worker admits MAX_INFLIGHT / 2 engine requests; 4 per request here.
+    body = {"instances": [{**LONG, "max_tokens": 200, "prompt": "go"}] * 4}
+    _check_burst(_burst(12, lambda _: http_json(stack.base + "/predict", body, timeout=120)))
+
+
+def test_openai_routes_over_max_inflight_get_429(stack: Stack) -> None:
+    body = {"prompt": "go", "max_tokens": 200, "ignore_eos": True}
+    url = stack.base + "/v1/completions"
+    _check_burst(_burst(MAX_INFLIGHT * 2, lambda _: http_json(url, body, timeout=120)))
+
+
+# --- the container's arguments --------------------------------------------------------
+
+
+def test_google_style_arguments_reach_the_engines(stack: Stack) -> None:
+    status, models = stack.request("/v1/models")
+    assert status == 200 and models["data"][0]["max_model_len"] == MAX_MODEL_LEN
+    servers = [p for p in descendants(stack.proc.pid) if "--model" in _cmdline(p)]
+    assert len(servers) == 2
+    for server in servers:
+        assert {"--gpu-memory-utilization=0.9", "--max-loras=1"} <= set(server.cmdline())
+        assert server.environ()["HF_TOKEN"] == HF_TOKEN
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.NoSuchProcess:
+        return []
