@@ -41,12 +41,16 @@ class RoundResult:
         return sum(r.ok for r in self.results)
 
 
-def completion_body(i: int, max_tokens: int) -> bytes:
+def prompt(i: int) -> str:
     """A distinct short prompt per request, so no two requests are identical."""
+    return f"Request {i}: tell me a long story about the sea and the ships."
+
+
+def completion_body(i: int, max_tokens: int) -> bytes:
     return orjson.dumps(
         {
             "model": "",
-            "prompt": f"Request {i}: tell me a long story about the sea and the ships.",
+            "prompt": prompt(i),
             "max_tokens": max_tokens,
             "ignore_eos": True,
             "stream": True,

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import uvloop
 
-from benchmarks import loadgen, procs
+from benchmarks import loadgen, predict, procs
 from benchmarks.stack import Stack, running_stack
+from benchmarks.stats import percentile, ratio
 
 PATHS = ("direct", "front")
 TABLE_ROLES = {
@@ -51,20 +52,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="measured rounds per path and level")
     ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument(
+        "--instances", default="1,8,32", help="predict: comma-separated instances per request"
+    )
+    ap.add_argument("--batches", type=int, default=6, help="predict: requests per round and way")
+    ap.add_argument(
+        "--suites", default="stream,predict", help="which comparisons: stream, predict or both"
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/latest.json"))
     ap.add_argument("--keep-run-dir", action="store_true", help="keep the stack's run dir and log")
     return ap.parse_args(argv)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def summarize(rounds: list[dict]) -> dict:
@@ -152,10 +149,6 @@ async def bench(stack: Stack, args: argparse.Namespace, levels: list[int]) -> di
     return results
 
 
-def ratio(a: float, b: float) -> float | None:
-    return a / b if b else None
-
-
 def fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -219,7 +212,14 @@ def main(argv: list[str] | None = None) -> int:
             startup_s = time.monotonic() - t0
             print(f"stack ready in {startup_s:.0f} s (run dir {run_dir})", flush=True)
             processes = procs.describe(procs.snapshot(stack.proc.pid))
-            results = uvloop.run(bench(stack, args, levels))
+            suites = set(args.suites.split(","))
+            results = uvloop.run(bench(stack, args, levels)) if "stream" in suites else {}
+            ks = [int(x) for x in args.instances.split(",") if x.strip()]
+            predict_results = (
+                uvloop.run(predict.bench(stack, ks, args.batches, args.rounds, args.max_tokens))
+                if "predict" in suites
+                else {}
+            )
         ok = True
     finally:
         if not ok or args.keep_run_dir:
@@ -227,8 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
     wall_s = time.monotonic() - t0
-    print()
-    print(table(results))
+    if results:
+        print()
+        print(table(results))
+    if predict_results:
+        print()
+        print(predict.table(predict_results))
     print(f"\nwall time {wall_s:.0f} s (stack startup {startup_s:.0f} s)")
     record = {
         "header": header,
@@ -238,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": wall_s,
         "processes": processes,
         "results": results,
+        "predict_results": predict_results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))

@@ -61,23 +61,35 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return request
 
 
+@dataclass(frozen=True)
+class Envelope:
+    """The request's outer shape, checked without the engine's schema."""
+
+    instances: list[Any]
+    parameters: dict[str, Any]
+    request_format: str | None
+
+
 def parse_request(body: bytes, schemas: RequestSchemas, max_instances: int) -> PredictRequest:
+    return parse_instances(parse_envelope(body, max_instances), schemas)
+
+
+def parse_envelope(body: bytes, max_instances: int) -> Envelope:
     request = parse_body(body)
     unknown = [k for k in request if k not in TOP_LEVEL_FIELDS]
     if unknown:
-        raise _bad(
-            f"{unknown[0]}: unknown field (a predict request has {', '.join(TOP_LEVEL_FIELDS)})"
-        )
+        fields = ", ".join(TOP_LEVEL_FIELDS)
+        raise _bad(f"{unknown[0]}: unknown field (a predict request has {fields})")
     if "instances" not in request:
         raise _bad("instances: required")
-    raw_instances = request["instances"]
-    if not isinstance(raw_instances, list):
+    instances = request["instances"]
+    if not isinstance(instances, list):
         raise _bad("instances: must be a list")
-    if not raw_instances:
+    if not instances:
         raise _bad("instances: must not be empty")
-    if len(raw_instances) > max_instances:
+    if len(instances) > max_instances:
         raise _bad(
-            f"instances: at most {max_instances} per request, got {len(raw_instances)} "
+            f"instances: at most {max_instances} per request, got {len(instances)} "
             "(split the request, or raise --max-instances)"
         )
     parameters = request.get("parameters")
@@ -85,10 +97,15 @@ def parse_request(body: bytes, schemas: RequestSchemas, max_instances: int) -> P
         parameters = {}
     if not isinstance(parameters, dict):
         raise _bad("parameters: must be an object")
-    top_format = _request_format("@requestFormat", request.get("@requestFormat"))
+    request_format = _request_format("@requestFormat", request.get("@requestFormat"))
+    return Envelope(instances, parameters, request_format)
+
+
+def parse_instances(envelope: Envelope, schemas: RequestSchemas) -> PredictRequest:
+    """Every instance as its engine request; all checked before any is sent."""
     parsed = [
-        _parse_instance(i, raw, parameters, top_format, schemas)
-        for i, raw in enumerate(raw_instances)
+        _parse_instance(i, raw, envelope.parameters, envelope.request_format, schemas)
+        for i, raw in enumerate(envelope.instances)
     ]
     streams = {i for i, (_, stream, _) in enumerate(parsed) if stream}
     if streams and len(parsed) > 1:

@@ -11,7 +11,7 @@ from aiohttp import web
 from gateway.admission import Admission
 from gateway.engine_client import call_json
 from gateway.errors import ApiError
-from gateway.predict.protocol import PredictRequest, parse_request
+from gateway.predict.protocol import PredictRequest, parse_envelope, parse_instances
 from gateway.predict.responses import error_event
 from gateway.predict.serving import deadline_error, predict, stream
 from gateway.predict.validation import RequestSchemas
@@ -44,8 +44,8 @@ async def predict_handler(request: web.Request) -> web.StreamResponse:
     app = request.app
     config = app["config"]
     session = app["engine_session"]
-    schemas = await app["engine_schemas"].get(session)
-    parsed = parse_request(await request.read(), schemas, config.max_instances)
+    envelope = parse_envelope(await request.read(), config.max_instances)
+    parsed = parse_instances(envelope, await app["engine_schemas"].get(session))
     request_id = request.headers.get("X-Request-Id")
     admission: Admission = app["admission"]
     with admission.hold(len(parsed.instances)):

@@ -9,6 +9,7 @@ only in code get clearer messages here first. Pure: the schema comes in.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -94,7 +95,7 @@ class RequestSchemas:
 
 
 def _suggestion(field: str, known: Iterable[str]) -> str:
-    close = [k for k in known if k.replace("_", "") == field.replace("_", "").replace("-", "")]
+    close = difflib.get_close_matches(field, list(known), n=1, cutoff=0.8)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
