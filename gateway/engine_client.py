@@ -61,20 +61,17 @@ def _unreachable(e: aiohttp.ClientError, where: str) -> ApiError:
 async def call_json(
     session: aiohttp.ClientSession,
     path: str,
-    payload: dict[str, Any] | None,
+    payload: dict[str, Any],
     where: str,
     request_id: str | None = None,
 ) -> Any:
-    """POST `payload` (GET if None) to an engine route; `where` names the instance in errors.
+    """POST `payload` to an engine route; `where` names the instance in any error.
 
     The caller sets the deadline (the whole request's, see predict/serving.py).
     """
     try:
-        async with session.request(
-            "GET" if payload is None else "POST",
-            BASE_URL + path,
-            data=None if payload is None else orjson.dumps(payload),
-            headers=_headers(request_id),
+        async with session.post(
+            BASE_URL + path, data=orjson.dumps(payload), headers=_headers(request_id)
         ) as resp:
             body = await resp.read()
             status = resp.status

@@ -12,14 +12,16 @@ import asyncio
 import logging
 import os
 import xmlrpc.client
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 from supervisor.xmlrpc import SupervisorTransport
 
 from engine.workers import EngineWorker, load_workers
+from gateway.engine_schema import SCHEMA_FILE, fetch_schema
 from gateway.nginx_config import write_upstream
-from gateway.state import READY, STATE_FILE, ReplicaState, classify, write_state
+from gateway.state import READY, STARTING, STATE_FILE, ReplicaState, classify, write_state
 
 log = logging.getLogger("vgate.monitor")
 
@@ -70,6 +72,23 @@ async def poll_once(
     ]
 
 
+async def _with_schema(
+    session: aiohttp.ClientSession,
+    workers: list[EngineWorker],
+    replicas: list[ReplicaState],
+    run_dir: Path,
+) -> list[ReplicaState]:
+    """Fetch the engines' request schema from a ready one; until then none counts as ready."""
+    for r in replicas:
+        if r.state == READY:
+            try:
+                await fetch_schema(session, workers[r.replica], run_dir)
+                return replicas
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as e:
+                log.warning("replica %d: no request schema yet: %r", r.replica, e)
+    return [replace(r, state=STARTING) if r.state == READY else r for r in replicas]
+
+
 async def run(run_dir: Path) -> None:
     workers = load_workers(run_dir / "engines.json")
     supervisor = Supervisor(run_dir)
@@ -79,6 +98,8 @@ async def run(run_dir: Path) -> None:
     async with aiohttp.ClientSession(timeout=timeout) as session:
         while True:
             replicas = await poll_once(session, supervisor, workers)
+            if not (run_dir / SCHEMA_FILE).exists():
+                replicas = await _with_schema(session, workers, replicas, run_dir)
             write_state(run_dir / STATE_FILE, replicas)
             for r in replicas:
                 if previous.get(r.replica) != r.state:

@@ -20,6 +20,7 @@ from engine.demo_model import DEMO_MODEL_NAME
 from engine.model_source import ModelSourceError, classify_model, local_model
 from engine.workers import build_workers, max_num_seqs, save_workers
 from gateway.config import Config, ConfigError, resolve
+from gateway.engine_schema import SCHEMA_FILE
 from gateway.nginx_config import render_nginx, write_upstream
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,7 +78,7 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
 
     run_dir = Path(config.run_dir or tempfile.mkdtemp(prefix="vgate-"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("state.json", "engines-upstream.conf"):
+    for stale in ("state.json", "engines-upstream.conf", SCHEMA_FILE):
         (run_dir / stale).unlink(missing_ok=True)
     prom_dir = run_dir / "prometheus"
     shutil.rmtree(prom_dir, ignore_errors=True)

@@ -3,41 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
-import aiohttp
 import orjson
 from aiohttp import web
 
 from gateway.admission import Admission
-from gateway.engine_client import call_json
+from gateway.engine_schema import SchemaReader
 from gateway.errors import ApiError
 from gateway.predict.protocol import PredictRequest, parse_envelope, parse_instances
 from gateway.predict.responses import error_event
 from gateway.predict.serving import deadline_error, predict, stream
-from gateway.predict.validation import RequestSchemas
-
-SCHEMA_TIMEOUT_S = 10
-
-
-class EngineSchemas:
-    """The engines' request schemas, fetched once from vLLM's /openapi.json."""
-
-    def __init__(self) -> None:
-        self._schemas: RequestSchemas | None = None
-        self._lock = asyncio.Lock()
-
-    async def get(self, session: aiohttp.ClientSession) -> RequestSchemas:
-        async with self._lock:
-            if self._schemas is None:
-                try:
-                    async with asyncio.timeout(SCHEMA_TIMEOUT_S):
-                        document = await call_json(session, "/openapi.json", None, "engine")
-                except TimeoutError:
-                    raise ApiError(
-                        503, f"engine: no request schema within {SCHEMA_TIMEOUT_S} s"
-                    ) from None
-                self._schemas = RequestSchemas(document)
-        return self._schemas
 
 
 async def predict_handler(request: web.Request) -> web.StreamResponse:
@@ -45,7 +21,7 @@ async def predict_handler(request: web.Request) -> web.StreamResponse:
     config = app["config"]
     session = app["engine_session"]
     envelope = parse_envelope(await request.read(), config.max_instances)
-    parsed = parse_instances(envelope, await app["engine_schemas"].get(session))
+    parsed = parse_instances(envelope, app["engine_schemas"].get())
     request_id = request.headers.get("X-Request-Id")
     admission: Admission = app["admission"]
     with admission.hold(len(parsed.instances)):
@@ -94,8 +70,8 @@ async def _stream(
         await events.aclose()  # closes the engine connection: vLLM stops generating
 
 
-def add_routes(app: web.Application, extra_route: str | None) -> None:
+def add_routes(app: web.Application, run_dir: Path, extra_route: str | None) -> None:
     """/generate, /predict and Vertex's AIP_PREDICT_ROUTE."""
-    app["engine_schemas"] = EngineSchemas()
+    app["engine_schemas"] = SchemaReader(run_dir)
     for path in dict.fromkeys(["/generate", "/predict", extra_route or "/predict"]):
         app.router.add_post(path, predict_handler)

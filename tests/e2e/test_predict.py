@@ -323,6 +323,19 @@ def test_the_legacy_nul_separated_format(stack: Stack) -> None:
     _arrives_early(events, first=0)
 
 
+def test_a_stream_past_the_deadline_ends_with_a_504_event(stack: Stack) -> None:
+    before = stack.total("vllm:generation_tokens_total")
+    # 128 sequences of 1000 tokens on one engine: far more than it makes in the deadline.
+    body = {"instances": [_chat(**LONG, n=128, stream=True)]}
+    status, _, reads = _stream(stack, body)
+    assert status == 200
+    events = _events(reads, b"\n\n")
+    last = orjson.loads(events[-1][1].removeprefix(b"data: "))
+    assert last["error"]["code"] == 504 and events[-1][0] >= REQUEST_TIMEOUT_S
+    generated = stack.generated_once_idle(before)
+    assert generated < 128 * LONG["max_tokens"] / 2, generated
+
+
 def test_a_streamed_request_the_engine_refuses_is_a_plain_json_error(stack: Stack) -> None:
     body = {"instances": [{"prompt": "word " * 3000, "stream": True}]}
     assert _error(stack, body, 400).startswith("instances[0]: This model's maximum")
