@@ -38,6 +38,8 @@ class Instance:
     request: dict[str, Any]
     prompt: str = ""  # text generation: for Google's "Prompt:/Output:" framing
     raw_response: bool = False
+    stream: bool = False
+    stream_format: str = "sse"
 
 
 @dataclass(frozen=True)
@@ -103,22 +105,22 @@ def parse_envelope(body: bytes, max_instances: int) -> Envelope:
 
 def parse_instances(envelope: Envelope, schemas: RequestSchemas) -> PredictRequest:
     """Every instance as its engine request; all checked before any is sent."""
-    parsed = [
+    instances = [
         _parse_instance(i, raw, envelope.parameters, envelope.request_format, schemas)
         for i, raw in enumerate(envelope.instances)
     ]
-    streams = {i for i, (_, stream, _) in enumerate(parsed) if stream}
-    if streams and len(parsed) > 1:
+    streamed = [i for i, inst in enumerate(instances) if inst.stream]
+    if streamed and len(instances) > 1:
         raise _bad(
-            f"instances[{min(streams)}].stream: streaming takes exactly one instance, "
-            f"got {len(parsed)}"
+            f"instances[{streamed[0]}].stream: streaming takes exactly one instance, "
+            f"got {len(instances)}"
         )
-    instance, stream, stream_format = parsed[0]
-    if stream and stream_format == "nul" and instance.chat:
+    first = instances[0]
+    if first.stream and first.stream_format == "nul" and first.chat:
         raise _bad("instances[0].stream_format: 'nul' is for text-generation instances only")
-    if stream and not instance.chat and instance.request.get("n", 1) not in (1, None):
+    if first.stream and not first.chat and first.request.get("n", 1) not in (1, None):
         raise _bad("instances[0].n: a streamed text-generation instance takes n = 1")
-    return PredictRequest([p[0] for p in parsed], stream, stream_format)
+    return PredictRequest(instances, first.stream, first.stream_format)
 
 
 def _request_format(where: str, value: Any) -> str | None:
@@ -133,8 +135,7 @@ def _parse_instance(
     parameters: dict[str, Any],
     top_format: str | None,
     schemas: RequestSchemas,
-) -> tuple[Instance, bool, str]:
-    """(instance, stream?, stream format)."""
+) -> Instance:
     where = f"instances[{index}]"
     if not isinstance(raw, dict):
         raise _bad(f"{where}: must be an object")
@@ -154,8 +155,8 @@ def _parse_instance(
     stream = fields.pop("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise _bad(f"{name('stream')}: must be true or false")
-    stream_format = fields.pop("stream_format", "sse")
-    if stream_format not in STREAM_FORMATS:
+    streaming = {"stream": bool(stream), "stream_format": fields.pop("stream_format", "sse")}
+    if streaming["stream_format"] not in STREAM_FORMATS:
         raise _bad(f"{name('stream_format')}: must be one of {', '.join(STREAM_FORMATS)}")
     lora = fields.pop("dynamic-lora", None)
     if lora is not None:
@@ -174,7 +175,7 @@ def _parse_instance(
         if "messages" not in fields:
             raise _bad(f"{where}.messages: required for a chat instance")
         _check(schemas, CHAT, fields, name)
-        return Instance(True, CHAT_ROUTE, fields), bool(stream), stream_format
+        return Instance(True, CHAT_ROUTE, fields, **streaming)
 
     prompt = fields.pop("prompt", None)
     if prompt is None:
@@ -188,11 +189,7 @@ def _parse_instance(
     if media is None:
         request = {**fields, "prompt": prompt}
         _check(schemas, COMPLETION, request, name)
-        return (
-            Instance(False, COMPLETIONS_ROUTE, request, prompt, raw_response),
-            bool(stream),
-            (stream_format),
-        )
+        return Instance(False, COMPLETIONS_ROUTE, request, prompt, raw_response, **streaming)
     parts = _media_parts(media, name("multi_modal_data"))
     request = {**fields, "messages": [{"role": "user", "content": [*parts, _text(prompt)]}]}
     only_completion = schemas.properties(COMPLETION) - schemas.properties(CHAT)
@@ -200,7 +197,7 @@ def _parse_instance(
         if key in only_completion:
             raise _bad(f"{name(key)}: not available with multi_modal_data (sent as a chat request)")
     _check(schemas, CHAT, request, name)
-    return Instance(False, CHAT_ROUTE, request, prompt, raw_response), bool(stream), stream_format
+    return Instance(False, CHAT_ROUTE, request, prompt, raw_response, **streaming)
 
 
 def _text(prompt: str) -> dict[str, Any]:
