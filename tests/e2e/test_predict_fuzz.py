@@ -70,7 +70,8 @@ def _bodies(completion: list[str], chat: list[str]) -> st.SearchStrategy[Any]:
 
 
 def _bounded(body: Any) -> bytes:
-    for instance in body.get("instances", []) if isinstance(body, dict) else []:
+    instances = body.get("instances") if isinstance(body, dict) else None
+    for instance in instances if isinstance(instances, list) else []:
         if isinstance(instance, dict):
             instance.update({k: v for k, v in WORK.items() if k in instance})
     return orjson.dumps(body)
