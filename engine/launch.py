@@ -14,18 +14,33 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from engine.fetch_model import MODEL_READY
 from engine.workers import load_workers
+
+# Vertex gives a deployment 2 h, downloads included.
+MODEL_WAIT_S = 7200
+
+
+def wait_for_model(run_dir: Path, deadline_s: float = MODEL_WAIT_S) -> None:
+    """Until the download program has the model in place (at once when nothing to fetch)."""
+    end = time.monotonic() + deadline_s
+    while not (run_dir / MODEL_READY).exists():
+        if time.monotonic() > end:
+            raise SystemExit(f"vgate: the model was not in place within {deadline_s:g} s")
+        time.sleep(1)
 
 
 def main(argv: list[str]) -> None:
     replica = int(argv[1])
-    plan = Path(os.environ["VGATE_RUN_DIR"]) / "engines.json"
-    worker = load_workers(plan)[replica]
+    run_dir = Path(os.environ["VGATE_RUN_DIR"])
+    worker = load_workers(run_dir / "engines.json")[replica]
     env = {**os.environ, **worker.env}
     # vLLM must serve its own metrics on its own /metrics, not into a shared dir.
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    wait_for_model(run_dir)
     # supervisord signals the whole group, vLLM included: this process only waits.
     # (A Python handler, unlike SIG_IGN, is not inherited by vLLM.)
     for sig in (signal.SIGTERM, signal.SIGINT):

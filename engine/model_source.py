@@ -12,7 +12,7 @@ class ModelSourceError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "local", "hf" or "demo"
+    kind: str  # "local", "hf", "gcs" or "demo"
     reference: str | None  # what the user gave (None for the demo model)
 
 
@@ -21,9 +21,7 @@ def classify_model(reference: str | None) -> ModelSource:
     if not reference:
         return ModelSource("demo", None)
     if reference.startswith("gs://"):
-        raise ModelSourceError(
-            f"{reference}: models from Cloud Storage are not supported by this release yet"
-        )
+        return ModelSource("gcs", reference)
     if "://" in reference:
         raise ModelSourceError(f"{reference}: unknown scheme; give a local dir or a HF id")
     path = Path(reference).expanduser()
@@ -34,8 +32,13 @@ def classify_model(reference: str | None) -> ModelSource:
     return ModelSource("hf", reference)
 
 
-def local_model(source: ModelSource) -> str:
-    """What vLLM's --model gets: the demo model is made (once) on the spot."""
+def local_model(source: ModelSource, download_dir: Path) -> str:
+    """What vLLM's --model gets: the demo model is made (once) on the spot; a gs://
+    model is its local mirror (filled by the download program before engines start)."""
+    if source.kind == "gcs":
+        from engine.gcs import mirror_dir
+
+        return str(mirror_dir(download_dir, source.reference or ""))
     if source.kind == "demo":
         from engine.demo_model import ensure_demo_model
 

@@ -28,6 +28,7 @@ def make_app(config: Config, run_dir: Path, worker: int = 0) -> web.Application:
     )
     workers = load_workers(run_dir / "engines.json")
     app["config"] = config
+    app["run_dir"] = run_dir
     assert config.max_inflight is not None, "vgate serve resolves it"
     app["admission"] = Admission(worker_share(config.max_inflight, config.gateway_workers, worker))
     app["workers"] = workers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -10,6 +11,9 @@ USAGE = """usage: vgate COMMAND ...
 commands:
   serve [flags] [-- vLLM flags]   serve a model (vgate serve --help)
   demo-model DIR                  write the built-in demo model to DIR
+  download gs://B/P DIR [--workers N] [--required FILE]
+                                  mirror a Cloud Storage prefix into DIR, verified
+                                  (the same download `serve` does: for images and init containers)
 """
 
 
@@ -28,8 +32,37 @@ def main(argv: list[str] | None = None) -> int:
 
         print(write_demo_model(Path(rest[0])))
         return 0
+    if command == "download":
+        return download(rest)
     print(USAGE, end="", file=sys.stderr)
     return 2
+
+
+def download(argv: list[str]) -> int:
+    from engine.gcs import DEFAULT_WORKERS, DownloadError
+    from engine.gcs import download as mirror
+
+    parser = argparse.ArgumentParser(prog="vgate download", allow_abbrev=False)
+    parser.add_argument("uri", help="gs://bucket/prefix")
+    parser.add_argument("dest", type=Path, help="local directory")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    parser.add_argument(
+        "--required", default="config.json", help="a file the prefix must hold ('' for none)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        done = mirror(
+            args.uri,
+            args.dest,
+            workers=args.workers,
+            required=args.required or None,
+            on_progress=lambda p: print(f"{args.uri}: {p.line()}", file=sys.stderr, flush=True),
+        )
+    except DownloadError as e:
+        print(f"vgate: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.dest} ({done.files_total} files, {done.files_reused} already here)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ class Config:
     health_route: str | None = None
     predict_route: str | None = None
     run_dir: str | None = None
+    download_dir: str = "/tmp/model_dir"  # Google's container's layout
+    download_workers: int = 16
     engine_args: list[str] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
@@ -131,6 +133,13 @@ _SETTINGS: dict[str, tuple[Callable[[str], Any], str, tuple[str, ...], str]] = {
     "health_route": (str, "VGATE_HEALTH_ROUTE", ("AIP_HEALTH_ROUTE",), "extra health route"),
     "predict_route": (str, "VGATE_PREDICT_ROUTE", ("AIP_PREDICT_ROUTE",), "extra predict route"),
     "run_dir": (str, "VGATE_RUN_DIR", (), "where sockets, pid files and rendered configs go"),
+    "download_dir": (str, "VGATE_DOWNLOAD_DIR", (), "local mirror of gs:// models"),
+    "download_workers": (
+        _positive_int,
+        "VGATE_DOWNLOAD_WORKERS",
+        (),
+        "files (and byte ranges of large files) downloaded at once",
+    ),
 }
 
 

@@ -7,10 +7,12 @@ probing and routes no traffic until 200).
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import orjson
 from aiohttp import web
 
+from engine.fetch_model import MODEL_READY, PROGRESS_FILE
 from gateway.state import READY
 
 
@@ -24,12 +26,25 @@ def _answer(request: web.Request, detail: bool) -> web.Response:
     }
     if detail:
         body["replicas"] = [asdict(r) for r in replicas]
+        download = _download_progress(request.app["run_dir"])
+        if download is not None:
+            body["download"] = download
     return web.Response(
         status=200 if ready else 503,
         body=orjson.dumps(body),
         content_type="application/json",
         headers=None if ready else {"Retry-After": "5"},
     )
+
+
+def _download_progress(run_dir: Path) -> dict[str, object] | None:
+    """The model download's figures while it runs (see engine/fetch_model.py)."""
+    if (run_dir / MODEL_READY).exists():
+        return None
+    try:
+        return orjson.loads((run_dir / PROGRESS_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
 
 
 async def ping_handler(request: web.Request) -> web.Response:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from engine import placement
 from engine.demo_model import DEMO_MODEL_NAME
+from engine.fetch_model import JOB_FILE, MODEL_READY, PROGRESS_FILE, write_json
+from engine.gcs import DownloadError, list_objects, make_client
 from engine.model_source import ModelSourceError, classify_model, local_model
 from engine.workers import build_workers, max_num_seqs, save_workers
 from gateway.config import Config, ConfigError, resolve
@@ -73,13 +75,28 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
     )
     check_port_free(config.host, config.port)
     source = classify_model(config.model)
-    served_name = config.served_model_name or (DEMO_MODEL_NAME if source.kind == "demo" else None)
-    model = local_model(source)
+    served_name = config.served_model_name or {"demo": DEMO_MODEL_NAME, "gcs": config.model}.get(
+        source.kind
+    )
+    if source.kind == "gcs":
+        # Fail now, in one line, if the prefix cannot be a model: before anything starts.
+        list_objects(make_client(), source.reference or "", required="config.json")
+    model = local_model(source, Path(config.download_dir))
 
     run_dir = Path(config.run_dir or tempfile.mkdtemp(prefix="vgate-"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("state.json", "engines-upstream.conf", SCHEMA_FILE):
+    for stale in (
+        "state.json",
+        "engines-upstream.conf",
+        SCHEMA_FILE,
+        JOB_FILE,
+        PROGRESS_FILE,
+        MODEL_READY,
+    ):
         (run_dir / stale).unlink(missing_ok=True)
+    if source.kind == "gcs":
+        job = {"uri": source.reference, "dest": model, "workers": config.download_workers}
+        write_json(run_dir / JOB_FILE, job)
     prom_dir = run_dir / "prometheus"
     shutil.rmtree(prom_dir, ignore_errors=True)
     prom_dir.mkdir()
@@ -135,7 +152,7 @@ def main(argv: list[str]) -> int:
     try:
         config = resolve(argv, os.environ)
         _, env = prepare(config, dict(os.environ))
-    except (ConfigError, placement.PlacementError, ModelSourceError) as e:
+    except (ConfigError, placement.PlacementError, ModelSourceError, DownloadError) as e:
         print(f"vgate: {e}", file=sys.stderr)
         return 2
     conf = str(REPO / "supervisord.conf")

@@ -54,7 +54,6 @@ def test_busy_port() -> None:
             "vgate: --tensor-parallel-size 2 does not divide the 3 visible GPUs",
         ),
         (["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": ""}, "vgate: --device cuda, but no GPU"),
-        (["--model", "gs://bucket/m"], {}, "vgate: gs://bucket/m: models from Cloud Storage"),
         (["--port", "x"], {}, "vgate: --port: invalid value 'x'"),
         ([], {"AIP_HTTP_PORT": "0"}, "vgate: AIP_HTTP_PORT: invalid value '0'"),
     ],
@@ -81,3 +80,18 @@ def test_demo_model_command_writes_a_model(tmp_path) -> None:
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
         p.name for p in (tmp_path / "m").iterdir()
     }
+
+
+def test_a_gcs_model_that_is_not_there_stops_serve_before_anything_starts(tmp_path) -> None:
+    from tests.gcs_emulator import emulator
+
+    with emulator() as url:
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "serve", "--model", "gs://no-bucket/llama",
+             "--port", str(free_port()), "--run-dir", str(tmp_path / "run")],
+            env={**os.environ, "STORAGE_EMULATOR_HOST": url},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip() == "vgate: gs://no-bucket/llama: bucket 'no-bucket' does not exist"
+    assert not (tmp_path / "run").exists()

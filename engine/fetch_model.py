@@ -1,0 +1,63 @@
+"""supervisord's download program: mirror a gs:// model before any engine starts.
+
+`vgate serve` has already checked that the prefix exists and holds a
+config.json, and wrote the job to download.json in the run dir. This mirrors it
+(parallel, verified, resumable), writes its progress for /health and the log
+every few seconds, and finally MODEL_READY, which the engines wait for. With no
+job it marks the model ready at once. A failure exits non-zero: supervisord
+retries, and a retry resumes where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from engine.gcs import DownloadError, Progress, download
+
+JOB_FILE = "download.json"
+PROGRESS_FILE = "download-progress.json"
+MODEL_READY = "model-ready"
+
+log = logging.getLogger("vgate.download")
+
+
+def write_json(path: Path, value: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run_dir = Path(os.environ["VGATE_RUN_DIR"])
+    job_file = run_dir / JOB_FILE
+    if job_file.exists():
+        job = json.loads(job_file.read_text())
+        uri = job["uri"]
+
+        def report(progress: Progress) -> None:
+            log.info("%s: %s", uri, progress.line())
+            write_json(run_dir / PROGRESS_FILE, {"uri": uri, **progress.as_dict()})
+
+        log.info("%s: downloading into %s with %d workers", uri, job["dest"], job["workers"])
+        try:
+            done = download(uri, Path(job["dest"]), workers=job["workers"], on_progress=report)
+        except DownloadError as e:
+            log.error("%s", e)
+            return 1
+        log.info(
+            "%s: complete, %d of %d files were already here",
+            uri,
+            done.files_reused,
+            done.files_total,
+        )
+    (run_dir / MODEL_READY).touch()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
