@@ -21,6 +21,7 @@ from benchmarks.stack import Stack
 from benchmarks.stats import percentile, ratio
 
 WAYS = ("openai", "predict")
+MIN_INSTANCES_PER_ROUND = 32
 
 
 @dataclass
@@ -91,12 +92,13 @@ async def bench(
             await run_round(way, stack.base, k, 1, max_tokens, next_id)
             next_id += k
         per_way: dict[str, list[tuple[BatchRound, dict]]] = {w: [] for w in WAYS}
+        count = max(batches, MIN_INSTANCES_PER_ROUND // k)  # enough work to measure CPU
         for i in range(rounds):
             for way in WAYS if i % 2 == 0 else WAYS[::-1]:
                 before = procs.snapshot(stack.proc.pid)
-                r = await run_round(way, stack.base, k, batches, max_tokens, next_id)
+                r = await run_round(way, stack.base, k, count, max_tokens, next_id)
                 cpu = procs.cpu_by_role(before, procs.snapshot(stack.proc.pid))
-                next_id += k * batches
+                next_id += k * count
                 per_way[way].append((r, cpu))
                 print(
                     f"  k={k:<3} round {i + 1} {way:<7} {k * len(r.latencies_s) / r.wall_s:7.1f} "

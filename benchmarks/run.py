@@ -23,7 +23,7 @@ from pathlib import Path
 
 import uvloop
 
-from benchmarks import loadgen, predict, procs
+from benchmarks import download, loadgen, predict, procs
 from benchmarks.stack import Stack, running_stack
 from benchmarks.stats import percentile, ratio
 
@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--batches", type=int, default=6, help="predict: requests per round and way")
     ap.add_argument(
-        "--suites", default="stream,predict", help="which comparisons: stream, predict or both"
+        "--suites",
+        default="download,stream,predict",
+        help="comma-separated: download, stream, predict",
     )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/latest.json"))
     ap.add_argument("--keep-run-dir", action="store_true", help="keep the stack's run dir and log")
@@ -204,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         f"itself included, competes for them;\nread ratios and CPU per token, not absolute speed."
     )
     print(header, flush=True)
+    suites = set(args.suites.split(","))
+    download_results = download.bench() if "download" in suites else {}
     run_dir = Path(tempfile.mkdtemp(prefix="vgate-bench-"))
     t0 = time.monotonic()
     ok = False
@@ -212,7 +216,6 @@ def main(argv: list[str] | None = None) -> int:
             startup_s = time.monotonic() - t0
             print(f"stack ready in {startup_s:.0f} s (run dir {run_dir})", flush=True)
             processes = procs.describe(procs.snapshot(stack.proc.pid))
-            suites = set(args.suites.split(","))
             results = uvloop.run(bench(stack, args, levels)) if "stream" in suites else {}
             ks = [int(x) for x in args.instances.split(",") if x.strip()]
             predict_results = (
@@ -227,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
     wall_s = time.monotonic() - t0
+    if download_results:
+        print()
+        print(download.table(download_results))
     if results:
         print()
         print(table(results))
@@ -243,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "processes": processes,
         "results": results,
         "predict_results": predict_results,
+        "download_results": download_results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))

@@ -74,6 +74,21 @@ def max_num_seqs(passthrough: list[str], device: str, tensor_parallel_size: int)
     return per_worker * tensor_parallel_size if device == "cpu" else per_worker
 
 
+def lora_enabled(passthrough: list[str]) -> bool:
+    return "--enable-lora" in passthrough or "--enable-lora=true" in passthrough
+
+
+def lora_env(passthrough: list[str], cache_dir: str, cache_bytes: int) -> dict[str, str]:
+    """With --enable-lora: adapters load at run time, through vgate's resolver and cache."""
+    if not lora_enabled(passthrough):
+        return {}
+    return {
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
+        "VGATE_LORA_CACHE_DIR": cache_dir,
+        "VGATE_LORA_CACHE_BYTES": str(cache_bytes),
+    }
+
+
 def engine_env(placement: Placement, environ: dict[str, str]) -> dict[str, str]:
     """Per-replica environment: the replica's GPUs, or its CPU cores and a bounded KV cache."""
     if placement.device == "cuda":
@@ -94,6 +109,7 @@ def build_workers(
     tensor_parallel_size: int,
     passthrough: list[str],
     environ: dict[str, str],
+    extra_env: dict[str, str] | None = None,
 ) -> list[EngineWorker]:
     return [
         EngineWorker(
@@ -103,7 +119,7 @@ def build_workers(
             argv=engine_argv(
                 python, model, port, served_model_name, tensor_parallel_size, passthrough
             ),
-            env=engine_env(p, environ),
+            env={**engine_env(p, environ), **(extra_env or {})},
         )
         for p, port in zip(placements, ports, strict=True)
     ]

@@ -42,6 +42,8 @@ class Config:
     run_dir: str | None = None
     download_dir: str = "/tmp/model_dir"  # Google's container's layout
     download_workers: int = 16
+    lora_cache_dir: str = "/tmp/vgate-lora"
+    lora_cache_bytes: int = 10 * 1024**3
     engine_args: list[str] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
@@ -134,6 +136,13 @@ _SETTINGS: dict[str, tuple[Callable[[str], Any], str, tuple[str, ...], str]] = {
     "predict_route": (str, "VGATE_PREDICT_ROUTE", ("AIP_PREDICT_ROUTE",), "extra predict route"),
     "run_dir": (str, "VGATE_RUN_DIR", (), "where sockets, pid files and rendered configs go"),
     "download_dir": (str, "VGATE_DOWNLOAD_DIR", (), "local mirror of gs:// models"),
+    "lora_cache_dir": (str, "VGATE_LORA_CACHE_DIR", (), "disk cache of fetched LoRA adapters"),
+    "lora_cache_bytes": (
+        _positive_int,
+        "VGATE_LORA_CACHE_BYTES",
+        (),
+        "most bytes of adapters kept on disk (least recently used go first)",
+    ),
     "download_workers": (
         _positive_int,
         "VGATE_DOWNLOAD_WORKERS",

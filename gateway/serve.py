@@ -20,7 +20,7 @@ from engine.demo_model import DEMO_MODEL_NAME
 from engine.fetch_model import JOB_FILE, MODEL_READY, PROGRESS_FILE, write_json
 from engine.gcs import DownloadError, list_objects, make_client
 from engine.model_source import ModelSourceError, classify_model, local_model
-from engine.workers import build_workers, max_num_seqs, save_workers
+from engine.workers import build_workers, lora_env, max_num_seqs, save_workers
 from gateway.config import Config, ConfigError, resolve
 from gateway.engine_schema import SCHEMA_FILE
 from gateway.nginx_config import render_nginx, write_upstream
@@ -111,6 +111,7 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
         config.tensor_parallel_size,
         config.engine_args,
         environ,
+        lora_env(config.engine_args, config.lora_cache_dir, config.lora_cache_bytes),
     )
     save_workers(workers, run_dir / "engines.json")
     if config.max_inflight is None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from engine.lora_cache import AdapterError, classify_adapter
 from gateway.errors import ApiError
 from gateway.predict.validation import CHAT, COMPLETION, RequestSchemas
 
@@ -72,8 +73,10 @@ class Envelope:
     request_format: str | None
 
 
-def parse_request(body: bytes, schemas: RequestSchemas, max_instances: int) -> PredictRequest:
-    return parse_instances(parse_envelope(body, max_instances), schemas)
+def parse_request(
+    body: bytes, schemas: RequestSchemas, max_instances: int, lora: bool = True
+) -> PredictRequest:
+    return parse_instances(parse_envelope(body, max_instances), schemas, lora)
 
 
 def parse_envelope(body: bytes, max_instances: int) -> Envelope:
@@ -103,10 +106,15 @@ def parse_envelope(body: bytes, max_instances: int) -> Envelope:
     return Envelope(instances, parameters, request_format)
 
 
-def parse_instances(envelope: Envelope, schemas: RequestSchemas) -> PredictRequest:
-    """Every instance as its engine request; all checked before any is sent."""
+def parse_instances(
+    envelope: Envelope, schemas: RequestSchemas, lora: bool = True
+) -> PredictRequest:
+    """Every instance as its engine request; all checked before any is sent.
+
+    `lora`: whether the engines run with LoRA (`--enable-lora`).
+    """
     instances = [
-        _parse_instance(i, raw, envelope.parameters, envelope.request_format, schemas)
+        _parse_instance(i, raw, envelope.parameters, envelope.request_format, schemas, lora)
         for i, raw in enumerate(envelope.instances)
     ]
     streamed = [i for i, inst in enumerate(instances) if inst.stream]
@@ -135,6 +143,7 @@ def _parse_instance(
     parameters: dict[str, Any],
     top_format: str | None,
     schemas: RequestSchemas,
+    lora_enabled: bool,
 ) -> Instance:
     where = f"instances[{index}]"
     if not isinstance(raw, dict):
@@ -160,9 +169,7 @@ def _parse_instance(
         raise _bad(f"{name('stream_format')}: must be one of {', '.join(STREAM_FORMATS)}")
     lora = fields.pop("dynamic-lora", None)
     if lora is not None:
-        if not isinstance(lora, str) or not lora:
-            raise _bad(f"{name('dynamic-lora')}: must be a non-empty string")
-        fields["model"] = lora  # the engine serves a loaded adapter under its name
+        fields["model"] = _adapter(lora, name("dynamic-lora"), lora_enabled)
     fields.setdefault("model", "")  # vLLM serves its model under an empty name
 
     if chat:
@@ -198,6 +205,20 @@ def _parse_instance(
             raise _bad(f"{name(key)}: not available with multi_modal_data (sent as a chat request)")
     _check(schemas, CHAT, request, name)
     return Instance(False, CHAT_ROUTE, request, prompt, raw_response, **streaming)
+
+
+def _adapter(lora: Any, where: str, enabled: bool) -> str:
+    """The engine serves an adapter under its name: a loaded one's, or a source to fetch."""
+    if not isinstance(lora, str) or not lora:
+        raise _bad(f"{where}: must be a non-empty string")
+    if not enabled:
+        raise _bad(f"{where}: the engines run without LoRA; start vgate serve with --enable-lora")
+    if "/" in lora:  # not the name of an adapter loaded at start: a source
+        try:
+            classify_adapter(lora)
+        except AdapterError as e:
+            raise _bad(f"{where}: {e}") from None
+    return lora
 
 
 def _text(prompt: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
+from engine.workers import lora_enabled
 from gateway.admission import Admission
 from gateway.engine_schema import SchemaReader
 from gateway.errors import ApiError
@@ -21,7 +22,9 @@ async def predict_handler(request: web.Request) -> web.StreamResponse:
     config = app["config"]
     session = app["engine_session"]
     envelope = parse_envelope(await request.read(), config.max_instances)
-    parsed = parse_instances(envelope, app["engine_schemas"].get())
+    parsed = parse_instances(
+        envelope, app["engine_schemas"].get(), lora_enabled(config.engine_args)
+    )
     request_id = request.headers.get("X-Request-Id")
     admission: Admission = app["admission"]
     with admission.hold(len(parsed.instances)):

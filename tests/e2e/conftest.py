@@ -15,13 +15,16 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.demo_model import DEMO_MODEL_NAME, write_demo_model
 from engine.workers import EngineWorker, load_workers
+from tests.gcs_emulator import client, emulator, upload_dir
 from tests.helpers import free_port, http_json, stop_tree, wait_for
 
 STARTUP_DEADLINE_S = 600
 MAX_INFLIGHT = 16  # 8 per gateway worker
 REQUEST_TIMEOUT_S = 20
 MAX_MODEL_LEN = 1024
+MODEL_URI = "gs://vertex-models/demo/v2"  # AIP_STORAGE_URI: the demo model, uploaded
 HF_TOKEN = "hf_vgate_test_token"  # as Google's container takes it: from the environment
 # As Vertex sets them: both start with /v1/, which is otherwise vLLM's.
 VERTEX_ENV = {
@@ -87,7 +90,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Cloud Storage (the emulator) holding the demo model at MODEL_URI."""
+    with emulator() as url:
+        source = write_demo_model(tmp_path_factory.mktemp("demo-model"))
+        bucket, prefix = MODEL_URI.removeprefix("gs://").split("/", 1)
+        upload_dir(client(url), bucket, prefix, source)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, storage: str) -> Iterator[Stack]:
+    """The stack as Vertex starts it: the model from AIP_STORAGE_URI, AIP_* routes and port."""
     run_dir = tmp_path_factory.mktemp("stack")
     log = run_dir / "stack.log"
     port = free_port()
@@ -99,14 +113,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "--run-dir", str(run_dir), "--replicas", "2", "--gateway-workers", "2",
         "--stop-grace", "20", f"--max-inflight={MAX_INFLIGHT}",
         f"--request-timeout={REQUEST_TIMEOUT_S}",
+        "--served-model-name", DEMO_MODEL_NAME,
+        "--download-dir", str(run_dir / "model_dir"),
     ]  # fmt: skip
+    env = {
+        **os.environ,
+        **VERTEX_ENV,
+        "AIP_HTTP_PORT": str(port),
+        "AIP_STORAGE_URI": MODEL_URI,
+        "STORAGE_EMULATOR_HOST": storage,
+        "HF_TOKEN": HF_TOKEN,
+    }
     with log.open("wb") as out:
         proc = subprocess.Popen(
             argv,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, **VERTEX_ENV, "AIP_HTTP_PORT": str(port), "HF_TOKEN": HF_TOKEN},
+            env=env,
         )
     s = Stack(proc, f"http://127.0.0.1:{port}", run_dir, log)
 

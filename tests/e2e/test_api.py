@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from engine.placement import plan, usable_cpus
-from tests.e2e.conftest import VERTEX_ENV, Stack
+from tests.e2e.conftest import MODEL_URI, VERTEX_ENV, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -106,3 +106,14 @@ def test_requests_spread_over_both_engines(stack: Stack, client: openai.OpenAI) 
     served = {r: after[r] - before[r] for r in before}
     assert sum(served.values()) == 16
     assert min(served.values()) >= 3, served
+
+
+def test_the_model_came_from_cloud_storage(stack: Stack) -> None:
+    bucket, prefix = MODEL_URI.removeprefix("gs://").split("/", 1)
+    mirror = stack.run_dir / "model_dir" / bucket / prefix  # Google's layout
+    assert (mirror / "config.json").is_file()
+    for worker in stack.workers():
+        assert worker.argv[worker.argv.index("--model") + 1] == str(mirror)
+    assert f"{MODEL_URI}: complete" in stack.log.read_text(errors="replace")
+    status, health = stack.request("/health")
+    assert status == 200 and "download" not in health  # figures only while it runs

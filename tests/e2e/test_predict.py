@@ -158,9 +158,10 @@ def test_an_invalid_instance_fails_the_request_before_any_generation(stack: Stac
             "instances[0].messages[0].content: must be string or array",
         ),
         (
-            {"instances": [{"prompt": "a", "dynamic-lora": "no-such-adapter"}]},
-            404,
-            "instances[0]: The model `no-such-adapter` does not exist",
+            {"instances": [{"prompt": "a", "dynamic-lora": "gs://adapters/x"}]},
+            400,
+            "instances[0].dynamic-lora: the engines run without LoRA; start vgate serve with "
+            "--enable-lora",
         ),
         (
             {"instances": [{"prompt": "a", "stream": True}] * 2},

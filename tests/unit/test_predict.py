@@ -263,3 +263,17 @@ def test_stream_events() -> None:
     assert done_event("sse") == b"data: [DONE]\n\n" and done_event("nul") == b""
     event = error_event(504, "late", "sse")
     assert orjson.loads(event.removeprefix(b"data: "))["error"]["code"] == 504
+
+
+def test_dynamic_lora_needs_lora_and_a_valid_source(schemas: RequestSchemas) -> None:
+    body = {"instances": [{"prompt": "a", "dynamic-lora": "gs://b/adapters/sql"}]}
+    (inst,) = _parse(schemas, body).instances
+    assert inst.request["model"] == "gs://b/adapters/sql"
+    with pytest.raises(ApiError) as off:
+        parse_request(orjson.dumps(body), schemas, 64, lora=False)
+    assert off.value.message == (
+        "instances[0].dynamic-lora: the engines run without LoRA; "
+        "start vgate serve with --enable-lora"
+    )
+    bad = {"instances": [{"prompt": "a", "dynamic-lora": "../../etc"}]}
+    assert _error(schemas, bad).startswith("instances[0].dynamic-lora: adapter '../../etc': give")

@@ -1,0 +1,188 @@
+"""LoRA adapters by name, on a bounded LRU disk cache shared by every engine process.
+
+A name is `gs://bucket/path`, a local directory, or a Hugging Face repo id
+(`org/name`); nothing else is fetched. Fetched adapters live under the cache
+root at a path made from the name and checked to stay inside it. An exclusive
+file lock per adapter makes concurrent requests (in any process) fetch it once;
+a shared lock pins it while it is being handed to an engine; eviction (least
+recently used first, down to the byte budget) skips pinned adapters and those
+an engine still has loaded, because vLLM may read an adapter's files again
+whenever it reloads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.gcs import DownloadError, download, is_gcs, split_uri
+
+log = logging.getLogger("vgate.lora")
+
+ADAPTER_CONFIG = "adapter_config.json"
+COMPLETE = ".vgate-complete"  # written last: the entry is whole; its mtime is the last use
+LOCKS = ".locks"
+HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+
+
+class AdapterError(ValueError):
+    """A name that cannot be an adapter, or one that cannot be fetched; says which and why."""
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    kind: str  # "gcs", "local" or "hf"
+    name: str
+
+
+def classify_adapter(name: str) -> AdapterSource:
+    """What kind of name this is, without touching the network."""
+    if is_gcs(name):
+        try:
+            split_uri(name)
+        except DownloadError as e:
+            raise AdapterError(str(e)) from None
+        return AdapterSource("gcs", name)
+    if name.startswith("/"):
+        return AdapterSource("local", name)
+    if HF_REPO.match(name) and ".." not in name:
+        return AdapterSource("hf", name)
+    raise AdapterError(
+        f"adapter {name!r}: give gs://bucket/path, an absolute local path, "
+        "or a Hugging Face repo id"
+    )
+
+
+class AdapterCache:
+    def __init__(
+        self,
+        root: Path,
+        max_bytes: int,
+        loaded: Callable[[], set[str]] = set,
+        fetch_gcs: Callable[[str, Path], object] | None = None,
+    ) -> None:
+        """`loaded`: names the engines have loaded now (never evicted)."""
+        self.root = root
+        self.max_bytes = max_bytes
+        self._loaded = loaded
+        self._fetch_gcs = fetch_gcs or (
+            lambda uri, dest: download(uri, dest, required=ADAPTER_CONFIG, workers=8)
+        )
+        (root / LOCKS).mkdir(parents=True, exist_ok=True)
+
+    def entry(self, source: AdapterSource) -> Path:
+        """The adapter's directory in the cache; never outside the root."""
+        if source.kind == "gcs":
+            bucket, prefix = split_uri(source.name)
+            path = self.root.joinpath("gcs", bucket, *prefix.split("/"))
+        else:
+            path = self.root.joinpath("hf", *source.name.split("/"))
+        root = self.root.resolve()
+        if not path.resolve().is_relative_to(root) or path.resolve() == root:
+            raise AdapterError(f"adapter {source.name!r}: resolves outside the adapter cache")
+        return path
+
+    @contextlib.contextmanager
+    def pinned(self, name: str) -> Iterator[Path]:
+        """The adapter's local directory, fetched if needed, not evicted while the block runs."""
+        source = classify_adapter(name)
+        if source.kind == "local":
+            path = Path(name).resolve()
+            if not (path / ADAPTER_CONFIG).is_file():
+                raise AdapterError(f"adapter {name!r}: no {ADAPTER_CONFIG} in that directory")
+            yield path
+            return
+        entry = self.entry(source)
+        with self._lock(entry) as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch, whichever process asks first
+            if not (entry / COMPLETE).exists():
+                self._fetch(source, entry)
+            (entry / COMPLETE).touch()
+            fcntl.flock(lock, fcntl.LOCK_SH)  # others may use it too now, none may evict it
+            try:
+                yield entry
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        self.evict()
+
+    def _fetch(self, source: AdapterSource, entry: Path) -> None:
+        log.info("adapter %s: fetching into %s", source.name, entry)
+        try:
+            if source.kind == "gcs":
+                self._fetch_gcs(source.name, entry)
+            else:
+                from huggingface_hub import snapshot_download
+
+                snapshot_download(source.name, local_dir=entry)
+        except DownloadError as e:
+            raise AdapterError(f"adapter {e}") from None
+        except Exception as e:  # the hub client's many errors: say which
+            raise AdapterError(f"adapter {source.name!r}: {type(e).__name__}: {e}") from None
+        if not (entry / ADAPTER_CONFIG).is_file():
+            shutil.rmtree(entry, ignore_errors=True)
+            raise AdapterError(f"adapter {source.name!r}: no {ADAPTER_CONFIG}")
+        (entry / COMPLETE).touch()
+
+    def _lock(self, entry: Path) -> contextlib.AbstractContextManager:
+        key = hashlib.sha256(str(entry.relative_to(self.root)).encode()).hexdigest()[:32]
+        return (self.root / LOCKS / f"{key}.lock").open("a+")
+
+    def entries(self) -> list[Path]:
+        """Complete entries, least recently used first."""
+        done = [p.parent for p in self.root.glob(f"*/**/{COMPLETE}")]
+        return sorted(done, key=lambda p: (p / COMPLETE).stat().st_mtime)
+
+    def evict(self) -> list[Path]:
+        """Remove least recently used adapters until the cache fits; skip those in use."""
+        entries = self.entries()
+        sizes = {e: _size(e) for e in entries}
+        total = sum(sizes.values())
+        if total <= self.max_bytes:
+            return []
+        loaded = self._loaded()
+        removed = []
+        for entry in entries:
+            if total <= self.max_bytes:
+                break
+            if self._name_of(entry) in loaded:
+                continue
+            with self._lock(entry) as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # pinned by a request right now
+                (entry / COMPLETE).unlink(missing_ok=True)
+                shutil.rmtree(entry, ignore_errors=True)
+                fcntl.flock(lock, fcntl.LOCK_UN)
+            total -= sizes[entry]
+            removed.append(entry)
+            log.info("adapter cache: evicted %s", entry)
+        if total > self.max_bytes:
+            log.warning(
+                "adapter cache over budget (%d > %d bytes): all in use", total, self.max_bytes
+            )
+        return removed
+
+    def _name_of(self, entry: Path) -> str:
+        kind, *parts = entry.relative_to(self.root).parts
+        return "gs://" + "/".join(parts) if kind == "gcs" else "/".join(parts)
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def cache_from_env(loaded: Callable[[], set[str]] = set) -> AdapterCache | None:
+    """The cache `vgate serve` configured for the engines (VGATE_LORA_CACHE_*), if any."""
+    root = os.environ.get("VGATE_LORA_CACHE_DIR")
+    if not root:
+        return None
+    return AdapterCache(Path(root), int(os.environ["VGATE_LORA_CACHE_BYTES"]), loaded)

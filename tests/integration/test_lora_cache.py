@@ -1,0 +1,149 @@
+"""The LoRA adapter disk cache against a real Cloud Storage API (the emulator)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.gcs import download
+from engine.lora_cache import (
+    ADAPTER_CONFIG,
+    AdapterCache,
+    AdapterError,
+    classify_adapter,
+)
+from tests.gcs_emulator import FaultyFront, client, emulator, upload_dir
+
+BUCKET = "adapters"
+
+
+@pytest.fixture(scope="module")
+def storage_url() -> Iterator[str]:
+    with emulator() as url:
+        yield url
+
+
+def _adapter(storage_url: str, tmp_path: Path, name: str, size: int = 10_000) -> str:
+    source = tmp_path / f"src-{name}"
+    source.mkdir()
+    (source / ADAPTER_CONFIG).write_text('{"peft_type": "LORA", "r": 8}')
+    (source / "adapter_model.safetensors").write_bytes(os.urandom(size))
+    upload_dir(client(storage_url), BUCKET, name, source)
+    return f"gs://{BUCKET}/{name}"
+
+
+def _cache(
+    root: Path, url: str, max_bytes: int = 10**9, loaded: set[str] = frozenset()
+) -> AdapterCache:
+    gcs = client(url)
+    return AdapterCache(
+        root,
+        max_bytes,
+        loaded=lambda: set(loaded),
+        fetch_gcs=lambda uri, dest: download(uri, dest, required=ADAPTER_CONFIG, client=gcs),
+    )
+
+
+def test_an_adapter_is_fetched_once_into_the_cache(storage_url: str, tmp_path: Path) -> None:
+    uri = _adapter(storage_url, tmp_path, "sql")
+    with FaultyFront(storage_url).running() as front:
+        cache = _cache(tmp_path / "cache", front.url)
+        with cache.pinned(uri) as path:
+            assert path == tmp_path / "cache" / "gcs" / BUCKET / "sql"
+            assert (path / ADAPTER_CONFIG).is_file()
+        with cache.pinned(uri):
+            pass
+    assert len(front.downloads) == 2  # its two files, once
+
+
+def test_concurrent_requests_in_several_processes_fetch_once(
+    storage_url: str, tmp_path: Path
+) -> None:
+    uri = _adapter(storage_url, tmp_path, "shared", size=2_000_000)
+    root = tmp_path / "cache"
+    code = (
+        "import sys; from pathlib import Path; from engine.lora_cache import AdapterCache;"
+        "c = AdapterCache(Path(sys.argv[1]), 10**9);"
+        "ctx = c.pinned(sys.argv[2]); print(ctx.__enter__()); ctx.__exit__(None, None, None)"
+    )
+    with FaultyFront(storage_url, latency_s=0.2).running() as front:
+        env = {**os.environ, "STORAGE_EMULATOR_HOST": front.url}
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, str(root), uri],
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(3)
+        ]
+        here = threading.Thread(target=lambda: _cache(root, front.url).pinned(uri).__enter__())
+        here.start()
+        outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+        here.join(120)
+    assert all(p.returncode == 0 for p in procs)
+    assert set(outs) == {str(root / "gcs" / BUCKET / "shared")}
+    assert sorted(d.rsplit("/", 1)[-1] for d in front.downloads) == [
+        ADAPTER_CONFIG,
+        "adapter_model.safetensors",
+    ]
+
+
+def test_least_recently_used_go_first_but_never_one_in_use(
+    storage_url: str, tmp_path: Path
+) -> None:
+    uris = [_adapter(storage_url, tmp_path, f"a{i}", size=100_000) for i in range(4)]
+    root = tmp_path / "cache"
+    cache = _cache(root, storage_url, max_bytes=250_000, loaded={uris[1]})
+    for uri in uris[:3]:
+        with cache.pinned(uri):
+            pass
+    # a0 was used first but is not loaded anywhere: evicted; a1 is loaded in an engine.
+    assert [p.name for p in cache.entries()] == ["a1", "a2"]
+    with cache.pinned(uris[2]):  # a2 in use by a request while a3 comes and goes
+        with cache.pinned(uris[3]):
+            assert {p.name for p in cache.entries()} == {"a1", "a2", "a3"}
+        # Over budget: a1 is loaded, a2 in use, so a3, the only one free, went.
+        assert {p.name for p in cache.entries()} == {"a1", "a2"}
+    assert (root / "gcs" / BUCKET / "a2" / ADAPTER_CONFIG).is_file()
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("gs://adapters/../etc", "not a valid gs://bucket/path URI"),
+        ("http://x/y", "give gs://bucket/path, an absolute local path, or a Hugging Face repo id"),
+        ("org/..", "give gs://bucket/path"),
+        ("../../etc/passwd", "give gs://bucket/path"),
+    ],
+)
+def test_names_are_validated(name: str, message: str) -> None:
+    with pytest.raises(AdapterError, match=message.replace("/", "/")):
+        classify_adapter(name)
+
+
+def test_missing_and_broken_adapters_say_which(storage_url: str, tmp_path: Path) -> None:
+    cache = _cache(tmp_path / "cache", storage_url)
+    with pytest.raises(AdapterError, match=f"gs://{BUCKET}/none: no objects under this prefix"):
+        cache.pinned(f"gs://{BUCKET}/none").__enter__()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "weights.bin").write_bytes(b"x")
+    upload_dir(client(storage_url), BUCKET, "broken", tmp_path / "src")
+    with pytest.raises(AdapterError, match=f"no {ADAPTER_CONFIG} under this prefix"):
+        cache.pinned(f"gs://{BUCKET}/broken").__enter__()
+    with pytest.raises(AdapterError, match=f"no {ADAPTER_CONFIG} in that directory"):
+        cache.pinned(str(tmp_path / "src")).__enter__()
+    assert not cache.entries()
+
+
+def test_a_local_adapter_is_used_where_it_is(tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / ADAPTER_CONFIG).write_text("{}")
+    with AdapterCache(tmp_path / "cache", 10).pinned(str(tmp_path / "mine")) as path:
+        assert path == tmp_path / "mine"
