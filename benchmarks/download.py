@@ -1,7 +1,8 @@
 """Model download from Cloud Storage: parallel against one file at a time, same run.
 
 A model of several shards sits in the storage emulator behind a front that adds
-a fixed latency to every request (what a real bucket's round trips cost). The
+a fixed latency to every request and caps each download request's bandwidth
+(what a real bucket's round trips and single streams cost). The
 same mirror is made with vgate's download (files in parallel, large ones in
 parallel byte ranges) and with one worker, one file and one range at a time,
 alternately; reported in MB/s and as a ratio.
@@ -34,8 +35,9 @@ def _model(root: Path, shards: int, shard_bytes: int) -> Path:
 
 def bench(
     shards: int = 8,
-    shard_bytes: int = 8_000_000,
+    shard_bytes: int = 4_000_000,
     latency_s: float = 0.05,
+    bytes_per_s: float = 10e6,
     workers: int = 16,
     rounds: int = 2,
 ) -> dict:
@@ -47,7 +49,7 @@ def bench(
         runs: dict[str, list[float]] = {"parallel": [], "one at a time": []}
         with emulator() as url:
             upload_dir(client(url), "bench", "model", source)
-            with FaultyFront(url, latency_s=latency_s).running() as front:
+            with FaultyFront(url, latency_s=latency_s, bytes_per_s=bytes_per_s).running() as front:
                 gcs = client(front.url)
                 for i in range(rounds):
                     order = list(runs) if i % 2 == 0 else list(runs)[::-1]
@@ -74,6 +76,7 @@ def bench(
         "shards": shards,
         "megabytes": mb,
         "latency_ms_per_request": latency_s * 1000,
+        "mb_per_s_per_request": bytes_per_s / 1e6,
         "workers": workers,
         "seconds": runs,
         "mb_per_s": {w: mb * len(t) / sum(t) for w, t in runs.items()},
@@ -87,7 +90,8 @@ def bench(
 def table(result: dict) -> str:
     lines = [
         f"download of {result['shards']} shards + 2 small files, {result['megabytes']:.0f} MB, "
-        f"{result['latency_ms_per_request']:.0f} ms added per request",
+        f"{result['latency_ms_per_request']:.0f} ms added per request, "
+        f"{result['mb_per_s_per_request']:.0f} MB/s at most per download request",
     ]
     for way, rate in result["mb_per_s"].items():
         times = ", ".join(f"{t:.2f}" for t in result["seconds"][way])

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.workers import EngineWorker, load_workers
-from tests.helpers import free_port, http_json, stop_tree, wait_for
+from tests.helpers import free_port, http_json, spawn, stop_tree, wait_for
 
 STARTUP_DEADLINE_S = 600
 
@@ -44,8 +44,7 @@ def running_stack(run_dir: Path, max_model_len: int) -> Iterator[Stack]:
         "--run-dir", str(run_dir), "--replicas", "1", "--gateway-workers", "1",
         "--max-model-len", str(max_model_len),
     ]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = spawn(argv, log)
     stack = Stack(proc, port, run_dir, log)
 
     def ready() -> bool:

@@ -1,7 +1,8 @@
 """A real Cloud Storage API for tests and benchmarks: gcp-storage-emulator on loopback.
 
 `Emulator` runs the emulator in its own process; `FaultyFront` is an HTTP
-front for it that adds a fixed latency per request, answers 403 for chosen
+front for it that adds a fixed latency per request (and a bandwidth cap per
+download), answers 403 for chosen
 buckets, or flips bytes of chosen objects: the conditions a real bucket can
 produce that the emulator alone cannot.
 """
@@ -70,6 +71,7 @@ class FaultyFront:
 
     upstream: str
     latency_s: float = 0.0
+    bytes_per_s: float = 0.0  # a bandwidth cap per request, as one stream from a bucket has
     forbidden_buckets: set[str] = field(default_factory=set)
     corrupt_objects: set[str] = field(default_factory=set)  # names whose downloads are flipped
     downloads: list[str] = field(default_factory=list)  # object media requests seen
@@ -136,6 +138,8 @@ class FaultyFront:
         body = body.replace(
             self.upstream.split("//", 1)[1].encode(), self.url.split("//", 1)[1].encode()
         )
+        if media and self.bytes_per_s:
+            await asyncio.sleep(len(body) / self.bytes_per_s)
         if media and any(path.endswith("/o/" + name) for name in self.corrupt_objects):
             body = bytes(b ^ 0xFF for b in body[:16]) + body[16:]
         return web.Response(status=resp.status, body=body, headers=headers)

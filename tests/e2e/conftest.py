@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.demo_model import DEMO_MODEL_NAME, write_demo_model
 from engine.workers import EngineWorker, load_workers
 from tests.gcs_emulator import client, emulator, upload_dir
-from tests.helpers import free_port, http_json, stop_tree, wait_for
+from tests.helpers import free_port, http_json, spawn, stop_tree, wait_for
 
 STARTUP_DEADLINE_S = 600
 MAX_INFLIGHT = 16  # 8 per gateway worker
@@ -124,14 +124,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, storage: str) -> Iterator[St
         "STORAGE_EMULATOR_HOST": storage,
         "HF_TOKEN": HF_TOKEN,
     }
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-        )
+    proc = spawn(argv, log, env)
     s = Stack(proc, f"http://127.0.0.1:{port}", run_dir, log)
 
     def ready() -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 
 from engine.demo_model import ensure_demo_model
 from tests.gcs_emulator import client, upload_dir
-from tests.helpers import free_port, http_json, stop_tree, wait_for
+from tests.helpers import free_port, http_json, spawn, stop_tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -51,14 +50,7 @@ def lora_stack(storage: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "--enable-lora", "--max-lora-rank", "8", "--lora-cache-dir", str(work / "cache"),
     ]  # fmt: skip
     log = work / "stack.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "STORAGE_EMULATOR_HOST": storage},
-        )
+    proc = spawn(argv, log, {**os.environ, "STORAGE_EMULATOR_HOST": storage})
     base_url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
