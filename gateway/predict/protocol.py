@@ -237,10 +237,6 @@ def _media_parts(media: Any, where: str) -> list[dict[str, Any]]:
         for url in urls if isinstance(urls, list) else [urls]:
             if not isinstance(url, str) or not url:
                 raise _bad(f"{where}.{key}: must be a URL or a list of URLs")
-            if url.startswith("gs://"):
-                raise _bad(
-                    f"{where}.{key}: gs:// media is not supported yet; use https or data: URLs"
-                )
             parts.append({"type": part, part: {"url": url}})
     return parts
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import orjson
@@ -12,6 +13,7 @@ from engine.workers import lora_enabled
 from gateway.admission import Admission
 from gateway.engine_schema import SchemaReader
 from gateway.errors import ApiError
+from gateway.predict.media import MediaReader
 from gateway.predict.protocol import PredictRequest, parse_envelope, parse_instances
 from gateway.predict.responses import error_event
 from gateway.predict.serving import deadline_error, predict, stream
@@ -28,6 +30,12 @@ async def predict_handler(request: web.Request) -> web.StreamResponse:
     request_id = request.headers.get("X-Request-Id")
     admission: Admission = app["admission"]
     with admission.hold(len(parsed.instances)):
+        try:
+            async with asyncio.timeout(config.request_timeout):
+                instances = await app["media"].inline(parsed.instances)
+        except TimeoutError:
+            raise deadline_error(config.request_timeout) from None
+        parsed = dataclasses.replace(parsed, instances=instances)
         if parsed.stream:
             return await _stream(request, parsed, config.request_timeout, request_id)
         answers = await predict(session, parsed.instances, config.request_timeout, request_id)
@@ -76,5 +84,6 @@ async def _stream(
 def add_routes(app: web.Application, run_dir: Path, extra_route: str | None) -> None:
     """/generate, /predict and Vertex's AIP_PREDICT_ROUTE."""
     app["engine_schemas"] = SchemaReader(run_dir)
+    app["media"] = MediaReader()
     for path in dict.fromkeys(["/generate", "/predict", extra_route or "/predict"]):
         app.router.add_post(path, predict_handler)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import http.client
 import json
@@ -24,6 +25,7 @@ from tests.e2e.conftest import (
     VERTEX_ENV,
     Stack,
 )
+from tests.gcs_emulator import client
 from tests.helpers import descendants, http_json, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -180,14 +182,24 @@ PIXEL = (
 )
 
 
-def test_images_reach_the_engine_and_a_text_model_refuses_them(stack: Stack) -> None:
-    text = {"prompt": "What is this?", "multi_modal_data": {"image": PIXEL}}
-    chat = _chat(
-        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": PIXEL}}]}]
+def test_images_reach_the_engine_and_a_text_model_refuses_them(stack: Stack, storage: str) -> None:
+    image = "gs://vertex-models/media/pixel.png"
+    bucket = client(storage).lookup_bucket("vertex-models")
+    bucket.blob("media/pixel.png").upload_from_string(
+        base64.b64decode(PIXEL.split(",")[1]), content_type="image/png"
     )
-    for instance in (text, chat):
+    text = {"prompt": "What is this?", "multi_modal_data": {"image": PIXEL}}
+    from_storage = {"prompt": "What is this?", "multi_modal_data": {"image": image}}
+    chat = _chat(
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}]
+    )
+    for instance in (text, from_storage, chat):
         message = _error(stack, {"instances": [{"prompt": "fine"}, instance]}, 400)
         assert message == "instances[1]: vgate-demo is not a multimodal model"
+    missing = {"prompt": "?", "multi_modal_data": {"image": image + ".gone"}}
+    assert _error(stack, {"instances": [missing]}, 400) == (
+        f"instances[0]: {image}.gone: no such object"
+    )
 
 
 def test_a_body_too_large_is_413(stack: Stack) -> None:

@@ -1,0 +1,59 @@
+"""gs:// media in predict instances, read from a real Cloud Storage API (the emulator)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.errors import ApiError
+from gateway.predict.media import MediaReader
+from gateway.predict.protocol import CHAT_ROUTE, Instance
+from tests.gcs_emulator import client, emulator
+
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
+
+
+@pytest.fixture(scope="module")
+def image_uri() -> Iterator[str]:
+    with emulator() as url:
+        bucket = client(url).create_bucket("media")
+        bucket.blob("cats/cat.png").upload_from_string(PNG, content_type="image/png")
+        yield "gs://media/cats/cat.png"
+
+
+def _instance(*urls: str) -> Instance:
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    content = [*parts, {"type": "text", "text": "what is this?"}]
+    return Instance(True, CHAT_ROUTE, {"messages": [{"role": "user", "content": content}]})
+
+
+def _urls(instance: Instance) -> list[str]:
+    content = instance.request["messages"][0]["content"]
+    return [p["image_url"]["url"] for p in content if p["type"] == "image_url"]
+
+
+def test_gs_media_goes_inline_and_other_urls_stay(image_uri: str) -> None:
+    original = _instance(image_uri, "https://example.com/dog.png")
+    (done,) = asyncio.run(MediaReader().inline([original]))
+    inline, kept = _urls(done)
+    assert inline == "data:image/png;base64," + base64.b64encode(PNG).decode()
+    assert kept == "https://example.com/dog.png"
+    assert _urls(original)[0] == image_uri  # the parsed request is not changed in place
+
+
+def test_a_missing_object_is_a_400_that_names_it(image_uri: str) -> None:
+    missing = image_uri.replace("cat.png", "nope.png")
+    with pytest.raises(ApiError) as info:
+        asyncio.run(MediaReader().inline([_instance("https://x/y.png"), _instance(missing)]))
+    assert info.value.status == 400
+    assert info.value.message == f"instances[1]: {missing}: no such object"
+
+
+def test_instances_without_gs_media_are_untouched() -> None:
+    plain = Instance(False, "/v1/completions", {"prompt": "hi"})
+    assert asyncio.run(MediaReader().inline([plain])) == [plain]
