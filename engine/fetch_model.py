@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from engine.files import write_atomic
 from engine.gcs import DownloadError, Progress, download
 
 JOB_FILE = "download.json"
@@ -26,9 +27,7 @@ log = logging.getLogger("vgate.download")
 
 
 def write_json(path: Path, value: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value))
 
 
 def main() -> int:

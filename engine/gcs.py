@@ -43,8 +43,8 @@ class DownloadError(RuntimeError):
     """Why a prefix cannot be mirrored, naming the URI: one line for the user."""
 
 
-def is_gcs(uri: str | None) -> bool:
-    return bool(uri) and uri.startswith(SCHEME)
+def is_gcs(uri: object) -> bool:
+    return isinstance(uri, str) and uri.startswith(SCHEME)
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -254,13 +254,14 @@ def download(
 
     reporter = threading.Thread(target=report, daemon=True)
     reporter.start()
+    pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for future in [pool.submit(one, b, t) for b, t in todo]:
-                future.result()
+        for future in [pool.submit(one, b, t) for b, t in todo]:
+            future.result()
     except gexc.GoogleAPIError as e:
         raise DownloadError(f"{uri}: Cloud Storage error: {e}") from None
     finally:
+        pool.shutdown(cancel_futures=True)  # one failure: the files not begun are not begun
         finished.set()
         reporter.join()
     progress.bytes_done = done_bytes

@@ -105,7 +105,7 @@ class AdapterCache:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch, whichever process asks first
             if not (entry / COMPLETE).exists():
                 self._fetch(source, entry)
-            (entry / COMPLETE).touch()
+            (entry / COMPLETE).touch()  # complete, and its last use is now
             fcntl.flock(lock, fcntl.LOCK_SH)  # others may use it too now, none may evict it
             try:
                 yield entry
@@ -129,7 +129,6 @@ class AdapterCache:
         if not (entry / ADAPTER_CONFIG).is_file():
             shutil.rmtree(entry, ignore_errors=True)
             raise AdapterError(f"adapter {source.name!r}: no {ADAPTER_CONFIG}")
-        (entry / COMPLETE).touch()
 
     def _lock(self, entry: Path) -> contextlib.AbstractContextManager:
         key = hashlib.sha256(str(entry.relative_to(self.root)).encode()).hexdigest()[:32]

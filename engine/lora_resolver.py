@@ -24,6 +24,7 @@ log = logging.getLogger("vgate.lora")
 
 # Longest an adapter stays pinned after resolving while vLLM loads it.
 PIN_AFTER_RESOLVE_S = 60
+_unpinning: set[asyncio.Task] = set()
 
 
 def loaded_adapters() -> set[str]:
@@ -65,11 +66,13 @@ def _resolver(cache: AdapterCache) -> object:
             pin = cache.pinned(lora_name)
             try:
                 path = await asyncio.to_thread(pin.__enter__)
-            except AdapterError as e:
-                log.warning("%s", e)
+            except (AdapterError, OSError) as e:
+                log.warning("adapter %s: %s", lora_name, e)
                 return None  # vLLM answers 404 naming the model
             # vLLM reads the files after this returns: keep the pin until it has them.
-            asyncio.get_running_loop().create_task(_unpin_when_loaded(pin, lora_name))
+            unpin = asyncio.get_running_loop().create_task(_unpin_when_loaded(pin, lora_name))
+            _unpinning.add(unpin)  # the loop keeps only a weak reference to a task
+            unpin.add_done_callback(_unpinning.discard)
             # vLLM sets the id.
             return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
 

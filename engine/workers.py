@@ -7,10 +7,10 @@ passed through to every engine unchanged.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from engine.files import write_atomic
 from engine.placement import Placement, cpu_bind
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -127,9 +127,7 @@ def build_workers(
 
 def save_workers(workers: list[EngineWorker], path: Path) -> None:
     """Written once by `vgate serve`; read by each engine launch and by the gateway."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([asdict(w) for w in workers], indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps([asdict(w) for w in workers], indent=1))
 
 
 def load_workers(path: Path) -> list[EngineWorker]:

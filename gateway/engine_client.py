@@ -69,17 +69,8 @@ async def call_json(
 
     The caller sets the deadline (the whole request's, see predict/serving.py).
     """
-    try:
-        async with session.post(
-            BASE_URL + path, data=orjson.dumps(payload), headers=_headers(request_id)
-        ) as resp:
-            body = await resp.read()
-            status = resp.status
-    except aiohttp.ClientError as e:
-        raise _unreachable(e, where) from None
-    if status != 200:
-        raise _engine_error(status, body, where)
-    return orjson.loads(body)
+    async with open_stream(session, path, payload, where, request_id) as body:
+        return orjson.loads(await body.read())
 
 
 @contextlib.asynccontextmanager
@@ -90,7 +81,7 @@ async def open_stream(
     where: str,
     request_id: str | None = None,
 ) -> AsyncIterator[aiohttp.StreamReader]:
-    """A streamed engine answer, once the engine has accepted the request.
+    """An engine's answer as it arrives, once the engine has accepted the request.
 
     Leaving the block early (a client gone, a deadline) closes the connection,
     and vLLM stops the generation.

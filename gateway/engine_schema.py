@@ -8,12 +8,12 @@ read the file.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import aiohttp
 import orjson
 
+from engine.files import write_atomic
 from engine.workers import EngineWorker
 from gateway.errors import ApiError
 from gateway.predict.validation import RequestSchemas
@@ -29,9 +29,7 @@ async def fetch_schema(session: aiohttp.ClientSession, worker: EngineWorker, run
         resp.raise_for_status()
         body = await resp.read()
     RequestSchemas(orjson.loads(body))  # refuse a document we cannot use
-    tmp = run_dir / (SCHEMA_FILE + ".tmp")
-    tmp.write_bytes(body)
-    os.replace(tmp, run_dir / SCHEMA_FILE)
+    write_atomic(run_dir / SCHEMA_FILE, body)
 
 
 class SchemaReader:

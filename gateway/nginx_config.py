@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jinja2
 
+from engine.files import write_atomic
 from engine.workers import EngineWorker
 from gateway.config import Config
 
@@ -69,6 +70,4 @@ def render_upstream(workers: list[EngineWorker], ready: set[int]) -> str:
 
 
 def write_upstream(run_dir: Path, workers: list[EngineWorker], ready: set[int]) -> None:
-    tmp = run_dir / (UPSTREAM_FILE + ".tmp")
-    tmp.write_text(render_upstream(workers, ready))
-    os.replace(tmp, run_dir / UPSTREAM_FILE)
+    write_atomic(run_dir / UPSTREAM_FILE, render_upstream(workers, ready))

@@ -6,12 +6,13 @@ so /ping and /health answer at once, never by waiting on an engine.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import orjson
+
+from engine.files import write_atomic
 
 STATE_FILE = "state.json"
 # The monitor writes every second; older than this, it is not reporting.
@@ -39,9 +40,7 @@ def classify(process_state: str | None, healthy: bool) -> str:
 def write_state(path: Path, replicas: list[ReplicaState], now: float | None = None) -> None:
     body = {"updated": time.time() if now is None else now}
     body["replicas"] = [asdict(r) for r in replicas]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps(body))
-    os.replace(tmp, path)
+    write_atomic(path, orjson.dumps(body))
 
 
 class StateReader:

@@ -80,7 +80,6 @@ class FaultyFront:
     @contextmanager
     def running(self) -> Iterator[FaultyFront]:
         loop = asyncio.new_event_loop()
-        started = threading.Event()
         port = free_port()
         runner: web.AppRunner | None = None
 
@@ -91,12 +90,10 @@ class FaultyFront:
             runner = web.AppRunner(app)
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", port).start()
-            started.set()
 
         thread = threading.Thread(target=loop.run_forever, daemon=True)
         thread.start()
-        asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-        started.wait(10)
+        asyncio.run_coroutine_threadsafe(start(), loop).result(10)  # listening on return
         self.url = f"http://127.0.0.1:{port}"
         try:
             yield self

@@ -43,13 +43,6 @@ class Instance:
     stream_format: str = "sse"
 
 
-@dataclass(frozen=True)
-class PredictRequest:
-    instances: list[Instance]
-    stream: bool = False
-    stream_format: str = "sse"
-
-
 def _bad(message: str) -> ApiError:
     return ApiError(400, message)
 
@@ -75,7 +68,7 @@ class Envelope:
 
 def parse_request(
     body: bytes, schemas: RequestSchemas, max_instances: int, lora: bool = True
-) -> PredictRequest:
+) -> list[Instance]:
     return parse_instances(parse_envelope(body, max_instances), schemas, lora)
 
 
@@ -108,10 +101,11 @@ def parse_envelope(body: bytes, max_instances: int) -> Envelope:
 
 def parse_instances(
     envelope: Envelope, schemas: RequestSchemas, lora: bool = True
-) -> PredictRequest:
+) -> list[Instance]:
     """Every instance as its engine request; all checked before any is sent.
 
-    `lora`: whether the engines run with LoRA (`--enable-lora`).
+    A streamed request has exactly one instance. `lora`: whether the engines
+    run with LoRA (`--enable-lora`).
     """
     instances = [
         _parse_instance(i, raw, envelope.parameters, envelope.request_format, schemas, lora)
@@ -128,7 +122,7 @@ def parse_instances(
         raise _bad("instances[0].stream_format: 'nul' is for text-generation instances only")
     if first.stream and not first.chat and first.request.get("n", 1) not in (1, None):
         raise _bad("instances[0].n: a streamed text-generation instance takes n = 1")
-    return PredictRequest(instances, first.stream, first.stream_format)
+    return instances
 
 
 def _request_format(where: str, value: Any) -> str | None:

@@ -61,15 +61,18 @@ def stream_delta(instance: Instance, chunk: dict[str, Any]) -> str:
     return choices[0].get("text") or ""
 
 
-def text_event(delta: str, stream_format: str) -> bytes:
-    body = orjson.dumps({"predictions": [delta]})
+def event(body: bytes, stream_format: str) -> bytes:
+    """One JSON body as a server-sent event, or as a NUL-terminated chunk (Google's old format)."""
     return b"data: " + body + b"\n\n" if stream_format == "sse" else body + b"\0"
+
+
+def text_event(delta: str, stream_format: str) -> bytes:
+    return event(orjson.dumps({"predictions": [delta]}), stream_format)
 
 
 def error_event(status: int, message: str, stream_format: str) -> bytes:
     """An error after the stream began, when the status line is long gone."""
-    body = error_body(status, message)
-    return b"data: " + body + b"\n\n" if stream_format == "sse" else body + b"\0"
+    return event(error_body(status, message), stream_format)
 
 
 def done_event(stream_format: str) -> bytes:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 from pathlib import Path
 
 import orjson
@@ -14,9 +12,9 @@ from gateway.admission import Admission
 from gateway.engine_schema import SchemaReader
 from gateway.errors import ApiError
 from gateway.predict.media import MediaReader
-from gateway.predict.protocol import PredictRequest, parse_envelope, parse_instances
+from gateway.predict.protocol import Instance, parse_envelope, parse_instances
 from gateway.predict.responses import error_event
-from gateway.predict.serving import deadline_error, predict, stream
+from gateway.predict.serving import Deadline, predict, stream
 
 
 async def predict_handler(request: web.Request) -> web.StreamResponse:
@@ -24,42 +22,32 @@ async def predict_handler(request: web.Request) -> web.StreamResponse:
     config = app["config"]
     session = app["engine_session"]
     envelope = parse_envelope(await request.read(), config.max_instances)
-    parsed = parse_instances(
+    instances = parse_instances(
         envelope, app["engine_schemas"].get(), lora_enabled(config.engine_args)
     )
     request_id = request.headers.get("X-Request-Id")
+    deadline = Deadline.start(config.request_timeout)
     admission: Admission = app["admission"]
-    with admission.hold(len(parsed.instances)):
-        try:
-            async with asyncio.timeout(config.request_timeout):
-                instances = await app["media"].inline(parsed.instances)
-        except TimeoutError:
-            raise deadline_error(config.request_timeout) from None
-        parsed = dataclasses.replace(parsed, instances=instances)
-        if parsed.stream:
-            return await _stream(request, parsed, config.request_timeout, request_id)
-        answers = await predict(session, parsed.instances, config.request_timeout, request_id)
+    with admission.hold(len(instances)):
+        async with deadline.bound():
+            instances = await app["media"].inline(instances)
+        if instances[0].stream:
+            return await _stream(request, instances[0], deadline, request_id)
+        answers = await predict(session, instances, deadline, request_id)
     return web.Response(
         body=orjson.dumps({"predictions": answers}), content_type="application/json"
     )
 
 
 async def _stream(
-    request: web.Request, parsed: PredictRequest, timeout: float, request_id: str | None
+    request: web.Request, instance: Instance, deadline: Deadline, request_id: str | None
 ) -> web.StreamResponse:
-    """Send each event as it comes; the deadline covers the whole stream."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    events = stream(
-        request.app["engine_session"], parsed.instances[0], parsed.stream_format, request_id
-    )
+    """Send each event as it comes; the request's deadline covers the whole stream."""
+    events = stream(request.app["engine_session"], instance, request_id)
     try:
-        try:
-            async with asyncio.timeout_at(deadline):
-                first = await anext(events, b"")  # an engine refusal is still a JSON error
-        except TimeoutError:
-            raise deadline_error(timeout) from None
-        sse = parsed.stream_format == "sse"
+        async with deadline.bound():
+            first = await anext(events, b"")  # an engine refusal is still a JSON error
+        sse = instance.stream_format == "sse"
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream" if sse else "application/octet-stream",
@@ -69,12 +57,11 @@ async def _stream(
         await response.prepare(request)
         await response.write(first)
         try:
-            async with asyncio.timeout_at(deadline):
+            async with deadline.bound():
                 async for event in events:
                     await response.write(event)
-        except (TimeoutError, ApiError) as e:
-            error = deadline_error(timeout) if isinstance(e, TimeoutError) else e
-            await response.write(error_event(error.status, error.message, parsed.stream_format))
+        except ApiError as e:  # past the deadline, or the engine went away mid-stream
+            await response.write(error_event(e.status, e.message, instance.stream_format))
         await response.write_eof()
         return response
     finally:

@@ -8,7 +8,9 @@ instances[i]. One failure cancels the others' engine work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -20,6 +22,7 @@ from gateway.metrics import UPSTREAM_ERRORS
 from gateway.predict.protocol import Instance
 from gateway.predict.responses import (
     done_event,
+    event,
     framing,
     predictions,
     stream_delta,
@@ -27,27 +30,42 @@ from gateway.predict.responses import (
 )
 
 
-def deadline_error(timeout: float) -> ApiError:
-    UPSTREAM_ERRORS.labels("timeout").inc()
-    return ApiError(504, f"the request did not finish within {timeout:g} s")
+@dataclass(frozen=True)
+class Deadline:
+    """The one deadline of a request (--request-timeout), for all of its work."""
+
+    at: float  # event loop time
+    seconds: float
+
+    @classmethod
+    def start(cls, seconds: float) -> Deadline:
+        return cls(asyncio.get_running_loop().time() + seconds, seconds)
+
+    @contextlib.asynccontextmanager
+    async def bound(self) -> AsyncIterator[None]:
+        """Run the block within the deadline; past it, cancel the block and answer 504."""
+        try:
+            async with asyncio.timeout_at(self.at):
+                yield
+        except TimeoutError:
+            UPSTREAM_ERRORS.labels("timeout").inc()
+            raise ApiError(504, f"the request did not finish within {self.seconds:g} s") from None
 
 
 async def predict(
     session: aiohttp.ClientSession,
     instances: list[Instance],
-    timeout: float,
+    deadline: Deadline,
     request_id: str | None = None,
 ) -> Any:
     try:
-        async with asyncio.timeout(timeout), asyncio.TaskGroup() as group:
+        async with deadline.bound(), asyncio.TaskGroup() as group:
             tasks = [
                 group.create_task(
                     call_json(session, inst.route, inst.request, f"instances[{i}]", request_id)
                 )
                 for i, inst in enumerate(instances)
             ]
-    except TimeoutError:
-        raise deadline_error(timeout) from None
     except ExceptionGroup as group_error:
         # The first instance that failed fails the request; the rest were cancelled.
         first = group_error.exceptions[0]
@@ -56,10 +74,7 @@ async def predict(
 
 
 async def stream(
-    session: aiohttp.ClientSession,
-    instance: Instance,
-    stream_format: str,
-    request_id: str | None = None,
+    session: aiohttp.ClientSession, instance: Instance, request_id: str | None = None
 ) -> AsyncIterator[bytes]:
     """The bytes of a streamed prediction, as the engine makes them.
 
@@ -67,6 +82,7 @@ async def stream(
     still a plain JSON error. A chat instance's OpenAI chunks pass through as
     they are; a text instance's become `{"predictions": ["<delta>"]}` events.
     """
+    stream_format = instance.stream_format
     request = {**instance.request, "stream": True}
     async with open_stream(session, instance.route, request, "instances[0]", request_id) as body:
         if instance.chat:
@@ -83,7 +99,7 @@ async def stream(
                 break
             chunk = orjson.loads(data)
             if "error" in chunk:  # the engine failed mid-stream: pass it on
-                yield b"data: " + data + b"\n\n" if stream_format == "sse" else data + b"\0"
+                yield event(data, stream_format)
                 continue
             delta = stream_delta(instance, chunk)
             if delta:

@@ -29,27 +29,23 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def _rule(check: Callable[[Any], bool], message: str) -> tuple[Callable[[Any], bool], str]:
-    return check, message
-
+Rule = tuple[Callable[[Any], bool], str]
+POSITIVE_INT: Rule = (lambda v: _is_int(v) and v >= 1, "must be a positive integer")
+PENALTY: Rule = (lambda v: _is_number(v) and -2 <= v <= 2, "must be a number in [-2, 2]")
 
 # Field: (check, message). Null means "the engine's default" and always passes.
-RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "max_tokens": _rule(lambda v: _is_int(v) and v >= 1, "must be a positive integer"),
-    "max_completion_tokens": _rule(lambda v: _is_int(v) and v >= 1, "must be a positive integer"),
-    "min_tokens": _rule(lambda v: _is_int(v) and v >= 0, "must be a non-negative integer"),
-    "n": _rule(lambda v: _is_int(v) and v >= 1, "must be a positive integer"),
-    "temperature": _rule(lambda v: _is_number(v) and v >= 0, "must be a number >= 0"),
-    "top_p": _rule(lambda v: _is_number(v) and 0 < v <= 1, "must be a number in (0, 1]"),
-    "top_k": _rule(lambda v: _is_int(v) and v >= -1, "must be an integer >= -1 (-1 or 0: off)"),
-    "min_p": _rule(lambda v: _is_number(v) and 0 <= v <= 1, "must be a number in [0, 1]"),
-    "presence_penalty": _rule(
-        lambda v: _is_number(v) and -2 <= v <= 2, "must be a number in [-2, 2]"
-    ),
-    "frequency_penalty": _rule(
-        lambda v: _is_number(v) and -2 <= v <= 2, "must be a number in [-2, 2]"
-    ),
-    "repetition_penalty": _rule(lambda v: _is_number(v) and v > 0, "must be a number > 0"),
+RANGES: dict[str, Rule] = {
+    "max_tokens": POSITIVE_INT,
+    "max_completion_tokens": POSITIVE_INT,
+    "n": POSITIVE_INT,
+    "min_tokens": (lambda v: _is_int(v) and v >= 0, "must be a non-negative integer"),
+    "temperature": (lambda v: _is_number(v) and v >= 0, "must be a number >= 0"),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "must be a number in (0, 1]"),
+    "top_k": (lambda v: _is_int(v) and v >= -1, "must be an integer >= -1 (-1 or 0: off)"),
+    "min_p": (lambda v: _is_number(v) and 0 <= v <= 1, "must be a number in [0, 1]"),
+    "presence_penalty": PENALTY,
+    "frequency_penalty": PENALTY,
+    "repetition_penalty": (lambda v: _is_number(v) and v > 0, "must be a number > 0"),
 }
 
 _JSON_TYPES = {
@@ -86,8 +82,7 @@ class RequestSchemas:
         errors = list(self._validators[name].iter_errors(request))
         if not errors:
             return None
-        unknown = [e for e in errors if e.validator == "additionalProperties" and not e.path]
-        if unknown:
+        if any(e.validator == "additionalProperties" and not e.path for e in errors):
             extra = sorted(set(request) - self.properties(name))
             return extra[0], "unknown field" + _suggestion(extra[0], self.properties(name))
         root = self._validators[name].schema
@@ -135,10 +130,10 @@ def _describe(error: ValidationError, root: dict[str, Any]) -> tuple[str, str]:
     """A short message for one schema error; never echoes a large input back."""
     if error.validator in ("anyOf", "oneOf"):
         branches = error.validator_value
-        kinds = list(dict.fromkeys(t for b in branches for t in _types_of(b, root)))
         inner = _inner_error(error, branches, root)
         if inner is not None:
             return _describe(inner, root)
+        kinds = list(dict.fromkeys(t for b in branches for t in _types_of(b, root)))
         return path_text(error.absolute_path), "must be " + " or ".join(kinds)
     if error.validator == "type":
         return path_text(error.absolute_path), f"must be {error.validator_value}"

@@ -83,12 +83,18 @@ def test_concurrent_requests_in_several_processes_fetch_once(
             )
             for _ in range(3)
         ]
-        here = threading.Thread(target=lambda: _cache(root, front.url).pinned(uri).__enter__())
+        seen_here: list[str] = []
+
+        def in_this_process() -> None:
+            with _cache(root, front.url).pinned(uri) as path:
+                seen_here.append(str(path))
+
+        here = threading.Thread(target=in_this_process)
         here.start()
         outs = [p.communicate(timeout=120)[0].strip() for p in procs]
         here.join(120)
     assert all(p.returncode == 0 for p in procs)
-    assert set(outs) == {str(root / "gcs" / BUCKET / "shared")}
+    assert set(outs + seen_here) == {str(root / "gcs" / BUCKET / "shared")} and seen_here
     assert sorted(d.rsplit("/", 1)[-1] for d in front.downloads) == [
         ADAPTER_CONFIG,
         "adapter_model.safetensors",

@@ -12,7 +12,6 @@ from gateway.predict.protocol import (
     CHAT_ROUTE,
     COMPLETIONS_ROUTE,
     Instance,
-    PredictRequest,
     parse_request,
 )
 from gateway.predict.responses import (
@@ -28,7 +27,7 @@ from gateway.predict.validation import RequestSchemas
 USER = [{"role": "user", "content": "hi"}]
 
 
-def _parse(schemas: RequestSchemas, body: Any, max_instances: int = 64) -> PredictRequest:
+def _parse(schemas: RequestSchemas, body: Any, max_instances: int = 64) -> list[Instance]:
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
     return parse_request(raw, schemas, max_instances)
 
@@ -117,7 +116,7 @@ def test_bad_requests_name_what_is_wrong(schemas: RequestSchemas, body: Any, mes
 def test_at_most_max_instances(schemas: RequestSchemas) -> None:
     body = {"instances": [{"prompt": "a"}] * 3}
     assert _error(schemas, body, max_instances=2).startswith("instances: at most 2 per request")
-    assert len(_parse(schemas, body, max_instances=3).instances) == 3
+    assert len(_parse(schemas, body, max_instances=3)) == 3
 
 
 def test_parameters_are_defaults_and_instance_fields_win(schemas: RequestSchemas) -> None:
@@ -128,7 +127,7 @@ def test_parameters_are_defaults_and_instance_fields_win(schemas: RequestSchemas
             "parameters": {"max_tokens": 9, "temperature": 0, "raw_response": True},
         },
     )
-    a, b = parsed.instances
+    a, b = parsed
     assert a == Instance(
         False, COMPLETIONS_ROUTE, {"model": "", "max_tokens": 3, "temperature": 0, "prompt": "x"},
         "x", True,
@@ -138,7 +137,7 @@ def test_parameters_are_defaults_and_instance_fields_win(schemas: RequestSchemas
 
 def test_sampling_fields_reach_the_engine_request_unchanged(schemas: RequestSchemas) -> None:
     fields = {"max_tokens": 4, "stop": ["x"], "seed": 1, "n": 2, "logprobs": 3, "ignore_eos": True}
-    (inst,) = _parse(schemas, {"instances": [{"prompt": "hi", **fields}]}).instances
+    (inst,) = _parse(schemas, {"instances": [{"prompt": "hi", **fields}]})
     assert inst.request == {"model": "", "prompt": "hi", **fields}
 
 
@@ -153,7 +152,7 @@ def test_a_chat_instance_is_the_chat_request(schemas: RequestSchemas) -> None:
             "parameters": {"temperature": 0.5, "raw_response": True},  # raw_response: text only
         },
     )
-    first, second = parsed.instances
+    first, second = parsed
     assert first.chat and first.route == CHAT_ROUTE
     assert first.request == {"model": "", "temperature": 0.5, **chat}
     assert second.request["model"] == "m"
@@ -161,19 +160,19 @@ def test_a_chat_instance_is_the_chat_request(schemas: RequestSchemas) -> None:
 
 def test_mixed_instances(schemas: RequestSchemas) -> None:
     body = {"instances": [{"prompt": "a"}, {"@requestFormat": "chatCompletions", "messages": USER}]}
-    text, chat = _parse(schemas, body).instances
+    text, chat = _parse(schemas, body)
     assert (text.chat, chat.chat) == (False, True)
 
 
 def test_dynamic_lora_names_the_model(schemas: RequestSchemas) -> None:
-    (inst,) = _parse(schemas, {"instances": [{"prompt": "a", "dynamic-lora": "sql"}]}).instances
+    (inst,) = _parse(schemas, {"instances": [{"prompt": "a", "dynamic-lora": "sql"}]})
     assert inst.request["model"] == "sql"
 
 
 def test_multi_modal_data_goes_as_one_user_message(schemas: RequestSchemas) -> None:
     media = {"image": ["https://a/1.png", "data:image/png;base64,AA"], "audio": "https://a/x.wav"}
     body = {"instances": [{"prompt": "what?", "multi_modal_data": media, "max_tokens": 5}]}
-    (inst,) = _parse(schemas, body).instances
+    (inst,) = _parse(schemas, body)
     assert not inst.chat and inst.route == CHAT_ROUTE and inst.prompt == "what?"
     assert inst.request == {
         "model": "",
@@ -194,10 +193,10 @@ def test_multi_modal_data_goes_as_one_user_message(schemas: RequestSchemas) -> N
 
 def test_streaming_and_its_format(schemas: RequestSchemas) -> None:
     parsed = _parse(schemas, {"instances": [{"prompt": "a", "stream": True}]})
-    assert parsed.stream and parsed.stream_format == "sse"
-    assert "stream" not in parsed.instances[0].request
+    assert parsed[0].stream and parsed[0].stream_format == "sse"
+    assert "stream" not in parsed[0].request
     body = {"instances": [{"prompt": "a"}], "parameters": {"stream": True, "stream_format": "nul"}}
-    assert _parse(schemas, body).stream_format == "nul"
+    assert _parse(schemas, body)[0].stream_format == "nul"
     chat = {"@requestFormat": "chatCompletions", "messages": USER, "stream": True}
     assert _error(schemas, {"instances": [{**chat, "stream_format": "nul"}]}).startswith(
         "instances[0].stream_format: 'nul' is for text-generation instances only"
@@ -267,7 +266,7 @@ def test_stream_events() -> None:
 
 def test_dynamic_lora_needs_lora_and_a_valid_source(schemas: RequestSchemas) -> None:
     body = {"instances": [{"prompt": "a", "dynamic-lora": "gs://b/adapters/sql"}]}
-    (inst,) = _parse(schemas, body).instances
+    (inst,) = _parse(schemas, body)
     assert inst.request["model"] == "gs://b/adapters/sql"
     with pytest.raises(ApiError) as off:
         parse_request(orjson.dumps(body), schemas, 64, lora=False)

@@ -14,7 +14,7 @@ from aiohttp import web
 from gateway.engine_client import engine_session
 from gateway.errors import ApiError
 from gateway.predict.protocol import COMPLETIONS_ROUTE, Instance
-from gateway.predict.serving import predict
+from gateway.predict.serving import Deadline, predict
 
 
 def _inst(prompt: str, raw: bool = False) -> Instance:
@@ -46,7 +46,7 @@ async def _with_engine(tmp_path: Path, instances: list[Instance], timeout: float
     try:
         async with engine_session(sock) as session:
             try:
-                outcome: object = await predict(session, instances, timeout)
+                outcome: object = await predict(session, instances, Deadline.start(timeout))
             except ApiError as e:
                 outcome = e
         # The stand-in sees each disconnect shortly after; give it a bounded moment.
