@@ -4,6 +4,8 @@ Each second it asks supervisord which engine processes run and each engine's
 /health whether it answers, writes the verdict for the gateway workers, and
 keeps nginx's engines upstream to the ready replicas (rewrite and reload),
 because a starting vLLM accepts connections long before it can answer them.
+A replica is reported ready only once nginx routes to it: Vertex and Kubernetes
+send traffic as soon as health says 200.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import xmlrpc.client
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +30,8 @@ log = logging.getLogger("vgate.monitor")
 
 POLL_INTERVAL_S = 1.0
 HEALTH_TIMEOUT_S = 1.0
+RELOAD_DEADLINE_S = 10.0
+GENERATION_URL = "http://internal/vgate/upstream-generation"
 
 
 class Supervisor:
@@ -72,6 +77,14 @@ async def poll_once(
     ]
 
 
+def _not_ready_unless(replicas: list[ReplicaState], allowed: set[int]) -> list[ReplicaState]:
+    """Ready replicas outside `allowed` are reported as still starting."""
+    return [
+        replace(r, state=STARTING) if r.state == READY and r.replica not in allowed else r
+        for r in replicas
+    ]
+
+
 async def _with_schema(
     session: aiohttp.ClientSession,
     workers: list[EngineWorker],
@@ -86,34 +99,75 @@ async def _with_schema(
                 return replicas
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as e:
                 log.warning("replica %d: no request schema yet: %r", r.replica, e)
-    return [replace(r, state=STARTING) if r.state == READY else r for r in replicas]
+    return _not_ready_unless(replicas, set())
+
+
+async def _serves(internal: aiohttp.ClientSession, generation: str) -> bool:
+    try:
+        async with internal.get(GENERATION_URL) as resp:
+            return resp.status == 200 and await resp.text() == generation
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+async def apply_upstream(
+    internal: aiohttp.ClientSession,
+    supervisor: Supervisor,
+    run_dir: Path,
+    workers: list[EngineWorker],
+    ready: set[int],
+) -> bool:
+    """Point nginx at the `ready` engines; True once its workers route by the new list.
+
+    A reload (SIGHUP) returns before nginx has read the file; the file carries a
+    generation that nginx's internal listener echoes, so we know when it took.
+    """
+    generation = str(time.time_ns())
+    write_upstream(run_dir, workers, ready, generation)
+    try:
+        await asyncio.to_thread(supervisor.reload_nginx)
+    except (OSError, xmlrpc.client.Error) as e:
+        # nginx not running yet: it reads the file when it starts; retry.
+        log.info("nginx reload deferred: %s", e)
+        return False
+    try:
+        async with asyncio.timeout(RELOAD_DEADLINE_S):
+            while not await _serves(internal, generation):
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        log.warning("nginx did not load the engines upstream within %g s", RELOAD_DEADLINE_S)
+        return False
+    return True
 
 
 async def run(run_dir: Path) -> None:
     workers = load_workers(run_dir / "engines.json")
     supervisor = Supervisor(run_dir)
-    applied: set[int] | None = None  # the ready set nginx was last reloaded with
+    routed: set[int] = set()  # the ready engines nginx routes to
+    applied: set[int] | None = None  # the set nginx's upstream file was last loaded with
     previous: dict[int, str] = {}
     timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    internal_socket = aiohttp.UnixConnector(path=str(run_dir / "engines.sock"))
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        aiohttp.ClientSession(connector=internal_socket, timeout=timeout) as internal,
+    ):
         while True:
             replicas = await poll_once(session, supervisor, workers)
             if not (run_dir / SCHEMA_FILE).exists():
                 replicas = await _with_schema(session, workers, replicas, run_dir)
+            ready = {r.replica for r in replicas if r.state == READY}
+            routed = routed & ready  # an engine that fails stops counting at once
+            if ready != applied and await apply_upstream(
+                internal, supervisor, run_dir, workers, ready
+            ):
+                applied, routed = ready, set(ready)
+            replicas = _not_ready_unless(replicas, routed)
             write_state(run_dir / STATE_FILE, replicas)
             for r in replicas:
                 if previous.get(r.replica) != r.state:
                     log.warning("replica %d (%s): %s", r.replica, r.device, r.state)
             previous = {r.replica: r.state for r in replicas}
-            ready = {r.replica for r in replicas if r.state == READY}
-            if ready != applied:
-                write_upstream(run_dir, workers, ready)
-                try:
-                    await asyncio.to_thread(supervisor.reload_nginx)
-                    applied = ready
-                except (OSError, xmlrpc.client.Error) as e:
-                    # nginx not running yet: it reads the file when it starts; retry.
-                    log.info("nginx reload deferred: %s", e)
             await asyncio.sleep(POLL_INTERVAL_S)
 
 

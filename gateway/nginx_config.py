@@ -36,7 +36,7 @@ def _worker_user() -> str | None:
     return pwd.getpwuid(os.geteuid()).pw_name if os.geteuid() == 0 else None
 
 
-def render_nginx(config: Config, run_dir: Path) -> str:
+def _template(name: str) -> jinja2.Template:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
         undefined=jinja2.StrictUndefined,
@@ -44,8 +44,12 @@ def render_nginx(config: Config, run_dir: Path) -> str:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
+    return env.get_template(name)
+
+
+def render_nginx(config: Config, run_dir: Path) -> str:
     host = f"[{config.host}]" if ":" in config.host else config.host
-    return env.get_template("nginx.conf.j2").render(
+    return _template("nginx.conf.j2").render(
         user=_worker_user(),
         run_dir=run_dir,
         listen=f"{host}:{config.port}",
@@ -57,17 +61,14 @@ def render_nginx(config: Config, run_dir: Path) -> str:
     )
 
 
-def render_upstream(workers: list[EngineWorker], ready: set[int]) -> str:
-    """Server lines of the engines upstream; engines not ready are marked down."""
-    lines = [
-        f"server 127.0.0.1:{w.port} max_fails=1 fail_timeout=5s"
-        + ("" if w.replica in ready else " down")
-        + ";  # replica "
-        + str(w.replica)
-        for w in workers
-    ]
-    return "\n".join(lines) + "\n"
+def render_upstream(workers: list[EngineWorker], ready: set[int], generation: str) -> str:
+    """The engines upstream: engines not ready are marked down."""
+    return _template("engines-upstream.conf.j2").render(
+        workers=workers, ready=ready, generation=generation
+    )
 
 
-def write_upstream(run_dir: Path, workers: list[EngineWorker], ready: set[int]) -> None:
-    write_atomic(run_dir / UPSTREAM_FILE, render_upstream(workers, ready))
+def write_upstream(
+    run_dir: Path, workers: list[EngineWorker], ready: set[int], generation: str
+) -> None:
+    write_atomic(run_dir / UPSTREAM_FILE, render_upstream(workers, ready, generation))

@@ -120,7 +120,7 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
         )
         config = dataclasses.replace(config, max_inflight=per_engine * len(workers))
     config.save(run_dir / "config.json")
-    write_upstream(run_dir, workers, ready=set())
+    write_upstream(run_dir, workers, ready=set(), generation="start")
     conf = run_dir / "nginx.conf"
     conf.write_text(render_nginx(config, run_dir))
     test = subprocess.run(

@@ -34,7 +34,7 @@ def emulator() -> Iterator[str]:
     exe = Path(sys.executable).parent / "gcp-storage-emulator"
     proc = subprocess.Popen(
         [str(exe), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "-q"],
-        start_new_session=True,
+        process_group=0,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -75,15 +75,20 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 
 def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """A process in a session of its own, its output in `log`; stop it with stop_tree."""
+    """A process in a process group of its own, its output in `log`; stop it with stop_tree.
+
+    Not a session of its own: the kernel schedules each session as one group
+    (autogroup), and a stack's spinning CPU engines in another session left the
+    test process unscheduled for seconds at a time, so streams looked buffered.
+    """
     with log.open("wb") as out:
         return subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            argv, stdout=out, stderr=subprocess.STDOUT, process_group=0, env=env
         )
 
 
 def stop_tree(proc: subprocess.Popen, grace_s: float = 60) -> None:
-    """Stop a process started with start_new_session=True and everything under it."""
+    """Stop a process started by spawn() and everything under it."""
     family = descendants(proc.pid)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

@@ -22,7 +22,7 @@ def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {})},
-        start_new_session=True,
+        process_group=0,
     )
     try:
         out, err = proc.communicate(timeout=60)

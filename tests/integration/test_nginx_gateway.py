@@ -6,16 +6,23 @@ limits, request ids, and an internal listener that is not on the network.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import psutil
 import pytest
 
+from engine.workers import load_workers
+from gateway import monitor
 from gateway.config import resolve
+from gateway.monitor import apply_upstream
+from gateway.nginx_config import UPSTREAM_FILE
 from gateway.serve import prepare
 from tests.helpers import free_port, http_json, stop_tree, wait_for
 
@@ -40,11 +47,9 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path,
     _, env = prepare(config, dict(os.environ))
     procs = [
         subprocess.Popen(
-            [env["VGATE_NGINX"], "-c", str(run_dir / "nginx.conf")], env=env, start_new_session=True
+            [env["VGATE_NGINX"], "-c", str(run_dir / "nginx.conf")], env=env, process_group=0
         ),
-        subprocess.Popen(
-            [sys.executable, "-m", "gateway.worker", "0"], env=env, start_new_session=True
-        ),
+        subprocess.Popen([sys.executable, "-m", "gateway.worker", "0"], env=env, process_group=0),
     ]
     base = f"http://127.0.0.1:{port}"
 
@@ -130,3 +135,55 @@ def test_internal_listener_is_a_unix_socket_only(front) -> None:
     }
     assert ports == {int(base.rsplit(":", 1)[1])}
     assert (run_dir / "engines.sock").is_socket()
+
+
+class _Signals:
+    """supervisord's part in a reload, done here directly: SIGHUP to nginx, or nothing."""
+
+    def __init__(self, nginx: subprocess.Popen | None, sends: bool = True) -> None:
+        self._nginx, self._sends = nginx, sends
+
+    def reload_nginx(self) -> None:
+        if self._nginx is None:
+            raise OSError("nginx is not running")
+        if self._sends:
+            self._nginx.send_signal(signal.SIGHUP)
+
+
+def _apply(run_dir: Path, reloads: _Signals, ready: set[int]) -> tuple[bool, str]:
+    """(what apply_upstream said, the generation nginx serves afterwards)."""
+
+    async def run() -> tuple[bool, str]:
+        connector = aiohttp.UnixConnector(path=str(run_dir / "engines.sock"))
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as internal:
+            workers = load_workers(run_dir / "engines.json")
+            applied = await apply_upstream(internal, reloads, run_dir, workers, ready)  # type: ignore[arg-type]
+            async with internal.get(monitor.GENERATION_URL) as resp:
+                return applied, await resp.text()
+
+    return asyncio.run(run())
+
+
+def _written_generation(run_dir: Path) -> str:
+    return (run_dir / UPSTREAM_FILE).read_text().split('default "', 1)[1].split('"', 1)[0]
+
+
+def test_a_new_upstream_counts_once_nginx_serves_it(front) -> None:
+    _, run_dir, procs = front
+    applied, served = _apply(run_dir, _Signals(procs[0]), {0})
+    assert applied and served == _written_generation(run_dir)
+    text = (run_dir / UPSTREAM_FILE).read_text()
+    assert text.count("server 127.0.0.1:") == 2 and text.count(" down;") == 1  # replica 1
+    applied, _ = _apply(run_dir, _Signals(procs[0]), set())  # no engine, as the others expect
+    assert applied
+
+
+def test_a_reload_that_did_not_happen_is_not_counted(front, monkeypatch) -> None:
+    _, run_dir, procs = front
+    monkeypatch.setattr(monitor, "RELOAD_DEADLINE_S", 1.0)
+    applied, served = _apply(run_dir, _Signals(None), {0})  # nginx could not be signalled
+    assert not applied and served != _written_generation(run_dir)
+    applied, served = _apply(run_dir, _Signals(procs[0], sends=False), {0})  # signal lost
+    assert not applied and served != _written_generation(run_dir)
+    assert _apply(run_dir, _Signals(procs[0]), set())[0]

@@ -11,8 +11,8 @@ def test_front_door_and_internal_listener(tmp_path) -> None:
     assert "listen 0.0.0.0:7080" in text
     assert f"listen unix:{tmp_path}/engines.sock;" in text
     assert text.count("server unix:") == 3
-    assert "least_conn;" in text and "zone engines" in text
-    assert "keepalive_timeout 4s;" in text  # below vLLM's 5 s
+    assert f"include {tmp_path}/engines-upstream.conf;" in text
+    assert "return 200 $vgate_upstream_generation;" in text
     assert "proxy_buffering off;" in text
     assert "client_max_body_size 1572864;" in text
     assert "proxy_read_timeout 600s;" in text
@@ -32,9 +32,12 @@ def test_ipv6_host_is_bracketed(tmp_path) -> None:
 
 def test_upstream_lists_ready_engines_and_marks_the_rest_down() -> None:
     workers = build_workers(plan("cpu", [], [0, 1]), [9001, 9002], "py", "m", None, 1, [], {})
-    lines = render_upstream(workers, ready={1}).splitlines()
+    text = render_upstream(workers, ready={1}, generation="42")
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("server ")]
     assert lines[0].startswith("server 127.0.0.1:9001") and " down;" in lines[0]
     assert lines[1].startswith("server 127.0.0.1:9002") and " down;" not in lines[1]
+    assert "least_conn;" in text and "keepalive_timeout 4s;" in text  # below vLLM's 5 s
+    assert 'default "42";' in text  # what the monitor waits to see after a reload
 
 
 def test_vertex_routes_reach_the_gateway_although_they_start_with_v1(tmp_path) -> None:
