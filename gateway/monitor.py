@@ -147,7 +147,8 @@ async def run(run_dir: Path) -> None:
     applied: set[int] | None = None  # the set nginx's upstream file was last loaded with
     previous: dict[int, str] = {}
     timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
-    internal_socket = aiohttp.UnixConnector(path=str(run_dir / "engines.sock"))
+    # A new connection each time: a kept-alive one may still reach a worker of the old config.
+    internal_socket = aiohttp.UnixConnector(path=str(run_dir / "engines.sock"), force_close=True)
     async with (
         aiohttp.ClientSession(timeout=timeout) as session,
         aiohttp.ClientSession(connector=internal_socket, timeout=timeout) as internal,
