@@ -29,6 +29,14 @@ scalars = (
     | st.text(max_size=40)
     | st.sampled_from(["", "\x00", "\ud7ff\uffff", "{{ 7*7 }}", "../../etc/passwd", "gs://x/y"])
 )
+# Valid sampling fields, small.
+SAMPLING = {
+    "max_tokens": st.integers(1, 4),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.01, 1),
+    "seed": st.integers(0, 2**31),
+    "stop": st.lists(st.text(min_size=1, max_size=3), max_size=2),
+}
 json_values = st.recursive(
     scalars,
     lambda inner: (
@@ -61,11 +69,7 @@ def _bodies(completion: list[str], chat: list[str]) -> st.SearchStrategy[Any]:
     plausible = st.fixed_dictionaries(
         {"prompt": st.text(max_size=30)},
         optional={
-            "max_tokens": st.integers(1, 4),
-            "temperature": st.floats(0, 2),
-            "top_p": st.floats(0.01, 1),
-            "seed": st.integers(0, 2**31),
-            "stop": st.lists(st.text(min_size=1, max_size=3), max_size=2),
+            **SAMPLING,
             "raw_response": st.booleans(),
             "stream": st.booleans(),
             "@requestFormat": st.just("chatCompletions"),
@@ -85,16 +89,9 @@ def _bodies(completion: list[str], chat: list[str]) -> st.SearchStrategy[Any]:
 
 def _valid() -> st.SearchStrategy[dict[str, Any]]:
     """Bodies that must succeed: a third of the draws, so the 200 path is surely tested."""
-    sampling = {
-        "max_tokens": st.integers(1, 4),
-        "temperature": st.floats(0, 2),
-        "top_p": st.floats(0.01, 1),
-        "seed": st.integers(0, 2**31),
-        "stop": st.lists(st.text(min_size=1, max_size=3), max_size=2),
-    }
     text = st.fixed_dictionaries(
         {"prompt": st.text(min_size=1, max_size=30)},
-        optional={**sampling, "raw_response": st.booleans()},
+        optional={**SAMPLING, "raw_response": st.booleans()},
     )
     chat = st.fixed_dictionaries(
         {
@@ -106,9 +103,9 @@ def _valid() -> st.SearchStrategy[dict[str, Any]]:
                 min_size=1,
                 max_size=2,
             ),
-            "max_tokens": sampling["max_tokens"],
+            "max_tokens": SAMPLING["max_tokens"],
         },
-        optional={k: v for k, v in sampling.items() if k != "max_tokens"},
+        optional={k: v for k, v in SAMPLING.items() if k != "max_tokens"},
     )
     return st.fixed_dictionaries({"instances": st.lists(text | chat, min_size=1, max_size=3)})
 
