@@ -37,6 +37,7 @@ CHUNKED_MIN_BYTES = 64 * 1024 * 1024
 CHUNK_BYTES = 32 * 1024 * 1024
 ATTEMPTS = 3
 DEFAULT_WORKERS = 16
+MODEL_CONFIG = "config.json"  # a prefix without it is not a model
 
 
 class DownloadError(RuntimeError):
@@ -148,20 +149,12 @@ def _local_path(dest: Path, relative: str) -> Path:
     return dest.joinpath(*parts)
 
 
-def _crc32c_of(path: Path) -> str:
-    checksum = google_crc32c.Checksum()
+def _digest(path: Path, hasher: Any) -> str:
+    """The file's digest as Cloud Storage gives it: base64."""
     with path.open("rb") as f:
         while block := f.read(1 << 20):
-            checksum.update(block)
-    return base64.b64encode(checksum.digest()).decode()
-
-
-def _md5_of(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return base64.b64encode(digest.digest()).decode()
+            hasher.update(block)
+    return base64.b64encode(hasher.digest()).decode()
 
 
 def matches(path: Path, blob: storage.Blob) -> bool:
@@ -172,9 +165,9 @@ def matches(path: Path, blob: storage.Blob) -> bool:
     except FileNotFoundError:
         return False
     if blob.crc32c:
-        return _crc32c_of(path) == blob.crc32c
+        return _digest(path, google_crc32c.Checksum()) == blob.crc32c
     if blob.md5_hash:
-        return _md5_of(path) == blob.md5_hash
+        return _digest(path, hashlib.md5(usedforsecurity=False)) == blob.md5_hash
     return True  # the object has no checksum: the size is all there is
 
 
@@ -210,7 +203,7 @@ def download(
     dest: Path,
     *,
     workers: int = DEFAULT_WORKERS,
-    required: str | None = "config.json",
+    required: str | None = MODEL_CONFIG,
     client: storage.Client | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     every_s: float = 2.0,

@@ -102,11 +102,16 @@ class AdapterCache:
             return
         entry = self.entry(source)
         with self._lock(entry) as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch, whichever process asks first
-            if not (entry / COMPLETE).exists():
-                self._fetch(source, entry)
-            (entry / COMPLETE).touch()  # complete, and its last use is now
-            fcntl.flock(lock, fcntl.LOCK_SH)  # others may use it too now, none may evict it
+            while True:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch, whichever process asks first
+                if not (entry / COMPLETE).exists():
+                    self._fetch(source, entry)
+                (entry / COMPLETE).touch()  # complete, and its last use is now
+                # Others may use it too now, none may evict it. The change to a shared
+                # lock is not atomic: an eviction may slip in between; then fetch again.
+                fcntl.flock(lock, fcntl.LOCK_SH)
+                if (entry / COMPLETE).exists():
+                    break
             try:
                 yield entry
             finally:

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def download(argv: list[str]) -> int:
-    from engine.gcs import DEFAULT_WORKERS, DownloadError
+    from engine.gcs import DEFAULT_WORKERS, MODEL_CONFIG, DownloadError
     from engine.gcs import download as mirror
 
     parser = argparse.ArgumentParser(prog="vgate download", allow_abbrev=False)
@@ -47,7 +47,7 @@ def download(argv: list[str]) -> int:
     parser.add_argument("dest", type=Path, help="local directory")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     parser.add_argument(
-        "--required", default="config.json", help="a file the prefix must hold ('' for none)"
+        "--required", default=MODEL_CONFIG, help="a file the prefix must hold ('' for none)"
     )
     args = parser.parse_args(argv)
     try:

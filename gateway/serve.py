@@ -18,12 +18,13 @@ from pathlib import Path
 from engine import placement
 from engine.demo_model import DEMO_MODEL_NAME
 from engine.fetch_model import JOB_FILE, MODEL_READY, PROGRESS_FILE, write_json
-from engine.gcs import DownloadError, list_objects, make_client
+from engine.gcs import MODEL_CONFIG, DownloadError, list_objects, make_client
 from engine.model_source import ModelSourceError, classify_model, local_model
 from engine.workers import build_workers, lora_env, max_num_seqs, save_workers
 from gateway.config import Config, ConfigError, resolve
 from gateway.engine_schema import SCHEMA_FILE
-from gateway.nginx_config import render_nginx, write_upstream
+from gateway.nginx_config import UPSTREAM_FILE, render_nginx, write_upstream
+from gateway.state import STATE_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,19 +81,12 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
     )
     if source.kind == "gcs":
         # Fail now, in one line, if the prefix cannot be a model: before anything starts.
-        list_objects(make_client(), source.reference or "", required="config.json")
+        list_objects(make_client(), source.reference or "", required=MODEL_CONFIG)
     model = local_model(source, Path(config.download_dir))
 
     run_dir = Path(config.run_dir or tempfile.mkdtemp(prefix="vgate-"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (
-        "state.json",
-        "engines-upstream.conf",
-        SCHEMA_FILE,
-        JOB_FILE,
-        PROGRESS_FILE,
-        MODEL_READY,
-    ):
+    for stale in (STATE_FILE, UPSTREAM_FILE, SCHEMA_FILE, JOB_FILE, PROGRESS_FILE, MODEL_READY):
         (run_dir / stale).unlink(missing_ok=True)
     if source.kind == "gcs":
         job = {"uri": source.reference, "dest": model, "workers": config.download_workers}

@@ -66,12 +66,6 @@ class Envelope:
     request_format: str | None
 
 
-def parse_request(
-    body: bytes, schemas: RequestSchemas, max_instances: int, lora: bool = True
-) -> list[Instance]:
-    return parse_instances(parse_envelope(body, max_instances), schemas, lora)
-
-
 def parse_envelope(body: bytes, max_instances: int) -> Envelope:
     request = parse_body(body)
     unknown = [k for k in request if k not in TOP_LEVEL_FIELDS]
@@ -99,9 +93,7 @@ def parse_envelope(body: bytes, max_instances: int) -> Envelope:
     return Envelope(instances, parameters, request_format)
 
 
-def parse_instances(
-    envelope: Envelope, schemas: RequestSchemas, lora: bool = True
-) -> list[Instance]:
+def parse_instances(envelope: Envelope, schemas: RequestSchemas, *, lora: bool) -> list[Instance]:
     """Every instance as its engine request; all checked before any is sent.
 
     A streamed request has exactly one instance. `lora`: whether the engines

@@ -22,9 +22,7 @@ async def predict_handler(request: web.Request) -> web.StreamResponse:
     config = app["config"]
     session = app["engine_session"]
     envelope = parse_envelope(await request.read(), config.max_instances)
-    instances = parse_instances(
-        envelope, app["engine_schemas"].get(), lora_enabled(config.engine_args)
-    )
+    instances = parse_instances(envelope, app["engine_schemas"].get(), lora=app["lora"])
     request_id = request.headers.get("X-Request-Id")
     deadline = Deadline.start(config.request_timeout)
     admission: Admission = app["admission"]
@@ -71,6 +69,7 @@ async def _stream(
 def add_routes(app: web.Application, run_dir: Path, extra_route: str | None) -> None:
     """/generate, /predict and Vertex's AIP_PREDICT_ROUTE."""
     app["engine_schemas"] = SchemaReader(run_dir)
+    app["lora"] = lora_enabled(app["config"].engine_args)
     app["media"] = MediaReader()
     for path in dict.fromkeys(["/generate", "/predict", extra_route or "/predict"]):
         app.router.add_post(path, predict_handler)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -128,13 +129,11 @@ def test_a_prefix_without_config_json_is_not_a_model(tmp_path: Path, storage_url
 
 def test_no_permission(model: tuple[str, Path], tmp_path: Path, storage_url: str) -> None:
     uri, _ = model
-    with FaultyFront(storage_url, forbidden_buckets={BUCKET}).running() as front:
-        try:
-            download(uri, tmp_path, client=client(front.url))
-        except DownloadError as e:
-            assert str(e).startswith(f"{uri}: no permission to list it")
-        else:
-            raise AssertionError("no DownloadError")
+    with (
+        FaultyFront(storage_url, forbidden_buckets={BUCKET}).running() as front,
+        pytest.raises(DownloadError, match=f"^{re.escape(uri)}: no permission to list it"),
+    ):
+        download(uri, tmp_path, client=client(front.url))
 
 
 def test_an_object_name_cannot_leave_the_directory(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from gateway.errors import ApiError
+from gateway.predict import media
 from gateway.predict.media import MediaReader
 from gateway.predict.protocol import CHAT_ROUTE, Instance
 from tests.gcs_emulator import client, emulator
@@ -57,3 +58,14 @@ def test_a_missing_object_is_a_400_that_names_it(image_uri: str) -> None:
 def test_instances_without_gs_media_are_untouched() -> None:
     plain = Instance(False, "/v1/completions", {"prompt": "hi"})
     assert asyncio.run(MediaReader().inline([plain])) == [plain]
+
+
+def test_an_object_over_the_limit_is_a_400(image_uri: str, monkeypatch) -> None:
+    monkeypatch.setattr(media, "MAX_MEDIA_BYTES", len(PNG) - 1)
+    with pytest.raises(ApiError) as info:
+        asyncio.run(MediaReader().inline([_instance(image_uri)]))
+    assert info.value.status == 400
+    assert info.value.message == f"instances[0]: {image_uri} is larger than {len(PNG) - 1} bytes"
+    monkeypatch.setattr(media, "MAX_MEDIA_BYTES", len(PNG))  # exactly at the limit: fine
+    (done,) = asyncio.run(MediaReader().inline([_instance(image_uri)]))
+    assert _urls(done)[0].startswith("data:image/png;base64,")

@@ -12,7 +12,8 @@ from gateway.predict.protocol import (
     CHAT_ROUTE,
     COMPLETIONS_ROUTE,
     Instance,
-    parse_request,
+    parse_envelope,
+    parse_instances,
 )
 from gateway.predict.responses import (
     done_event,
@@ -27,9 +28,12 @@ from gateway.predict.validation import RequestSchemas
 USER = [{"role": "user", "content": "hi"}]
 
 
-def _parse(schemas: RequestSchemas, body: Any, max_instances: int = 64) -> list[Instance]:
+def _parse(
+    schemas: RequestSchemas, body: Any, max_instances: int = 64, lora: bool = True
+) -> list[Instance]:
+    """What the route does: the envelope first, then every instance."""
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    return parse_request(raw, schemas, max_instances)
+    return parse_instances(parse_envelope(raw, max_instances), schemas, lora=lora)
 
 
 def _error(schemas: RequestSchemas, body: Any, max_instances: int = 64) -> str:
@@ -269,7 +273,7 @@ def test_dynamic_lora_needs_lora_and_a_valid_source(schemas: RequestSchemas) -> 
     (inst,) = _parse(schemas, body)
     assert inst.request["model"] == "gs://b/adapters/sql"
     with pytest.raises(ApiError) as off:
-        parse_request(orjson.dumps(body), schemas, 64, lora=False)
+        _parse(schemas, body, lora=False)
     assert off.value.message == (
         "instances[0].dynamic-lora: the engines run without LoRA; "
         "start vgate serve with --enable-lora"
