@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import signal
 import socket
@@ -47,6 +48,12 @@ def http_json(
         return status, headers, json.loads(raw)
     except ValueError:
         return status, headers, raw.decode(errors="replace")
+
+
+def hang_up(conn: http.client.HTTPConnection) -> None:
+    """Go away mid-request, as a client that gives up does."""
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
 
 
 def free_port() -> int:

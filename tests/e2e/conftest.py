@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
+import json
+import math
 import os
 import subprocess
 import sys
@@ -11,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,14 +22,22 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.demo_model import DEMO_MODEL_NAME, write_demo_model
 from engine.workers import EngineWorker, load_workers
 from tests.gcs_emulator import client, emulator, upload_dir
-from tests.helpers import free_port, http_json, spawn, stop_tree, wait_for
+from tests.helpers import free_port, hang_up, http_json, spawn, stop_tree, wait_for
 
 STARTUP_DEADLINE_S = 600
 MAX_INFLIGHT = 16  # 8 per gateway worker
 REQUEST_TIMEOUT_S = 20
 MAX_MODEL_LEN = 1024
+REPLICAS = 2
+ENGINE_MAX_NUM_SEQS = 128  # vLLM 0.32's --max-num-seqs on the CPU: sequences an engine runs at once
 MODEL_URI = "gs://vertex-models/demo/v2"  # AIP_STORAGE_URI: the demo model, uploaded
-HF_TOKEN = "hf_vgate_test_token"  # as Google's container takes it: from the environment
+HF_TOKEN = "hf_vgate_test_token"
+# The longest sequence a test asks for: the demo model's context (MAX_MODEL_LEN) less the prompt.
+SEQUENCE_TOKENS = 1000
+# How much longer than needed sized work is: covers a rate measured while the machine was
+# busier (2 noisy cores) than when the sized work runs.
+MARGIN = 4
+CALIBRATION_WINDOW_S = 3.0  # as Google's container takes it: from the environment
 # As Vertex sets them: both start with /v1/, which is otherwise vLLM's.
 VERTEX_ENV = {
     "AIP_HEALTH_ROUTE": "/v1/endpoints/123/deployedModels/456",
@@ -40,6 +52,7 @@ class Stack:
     run_dir: Path
     log: Path
     pings: list[int] = field(default_factory=list)
+    _rate: float | None = None
 
     def workers(self) -> list[EngineWorker]:
         return load_workers(self.run_dir / "engines.json")
@@ -65,23 +78,97 @@ class Stack:
         """A metric summed over every replica and label."""
         return sum(v for (n, _), v in self.metrics().items() if n == name)
 
+    def idle(self) -> bool:
+        return (
+            self.total("vllm:num_requests_running") == 0
+            and self.total("vllm:num_requests_waiting") == 0
+        )
+
     def generated_once_idle(self, before: float) -> float:
         """Tokens generated since `before`, once the engines run nothing and stay so.
 
         A generation still going would keep adding tokens: check it does not.
         """
-        wait_for(
-            lambda: self.total("vllm:num_requests_running") == 0,
-            30,
-            "the engines to stop running",
-        )
+        wait_for(self.idle, 30, "the engines to stop running")
         generated = self.total("vllm:generation_tokens_total") - before
         time.sleep(1)
         assert self.total("vllm:generation_tokens_total") - before == generated
         return generated
 
+    def send(self, path: str, body: object) -> http.client.HTTPConnection:
+        """POST `body` without reading the answer: the caller reads it or hangs up."""
+        url = urlsplit(self.base)
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        return conn
+
+    def token_rate(self) -> float:
+        """Tokens/s the engines make together when saturated, measured once in this stack.
+
+        Tests that need work to outlast a deadline, a stream to still run or a queue to
+        stay full size it from this rate (sequences_for), never from an assumed speed:
+        machines of this kind differ several times over (AVX2 or AVX-512).
+        """
+        if self._rate is None:
+            self._rate = self._measure_rate()
+        return self._rate
+
+    def work_for(self, seconds: float, instances: int) -> Work:
+        """Work in `instances` instances that keeps the engines busy MARGIN x `seconds`.
+
+        The engines make tokens no faster than their measured saturated rate (both of them
+        together, so this holds even if all the work lands on one). There are enough
+        sequences to saturate both engines, so the work also runs at about that rate:
+        it takes about MARGIN x `seconds`, neither much more nor less.
+        """
+        tokens = MARGIN * self.token_rate() * seconds
+        n = math.ceil(REPLICAS * ENGINE_MAX_NUM_SEQS / instances)
+        max_tokens = math.ceil(tokens / (instances * n))
+        if max_tokens > SEQUENCE_TOKENS:  # the context bounds a sequence: more of them
+            n = math.ceil(tokens / (instances * SEQUENCE_TOKENS))
+            max_tokens = SEQUENCE_TOKENS
+        return Work(instances, n, max_tokens)
+
+    def _measure_rate(self) -> float:
+        # Twice the sequences the engines run at once, so both stay saturated, with a
+        # queue, through the window (checked: the queue is still there at its end).
+        work = Work(64, math.ceil(2 * REPLICAS * ENGINE_MAX_NUM_SEQS / 64), SEQUENCE_TOKENS)
+        body = {"instances": [{**work.fields(), "prompt": "go"}] * work.instances}
+        before = self.total("vllm:generation_tokens_total")
+        conn = self.send("/predict", body)
+        try:
+            wait_for(lambda: self.total("vllm:num_requests_waiting") > 0, 30, "a queue to form")
+            start, first = time.monotonic(), self.total("vllm:generation_tokens_total")
+            time.sleep(CALIBRATION_WINDOW_S)  # the measurement window, not a wait
+            took, last = time.monotonic() - start, self.total("vllm:generation_tokens_total")
+            # Still queued at the end: the engines were saturated through the window.
+            assert self.total("vllm:num_requests_waiting") > 0, "calibration work ran out"
+        finally:
+            hang_up(conn)  # the gateway cancels the work
+        self.generated_once_idle(before)
+        rate = (last - first) / took
+        print(f"\ncalibration: the engines make {rate:.0f} tokens/s when saturated")
+        return rate
+
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass(frozen=True)
+class Work:
+    """`instances` instances of `n` sequences of `max_tokens` tokens each."""
+
+    instances: int
+    n: int
+    max_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.instances * self.n * self.max_tokens
+
+    def fields(self) -> dict[str, Any]:
+        """One instance's fields (or one OpenAI request's)."""
+        return {"max_tokens": self.max_tokens, "ignore_eos": True, "n": self.n}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -110,7 +197,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, storage: str) -> Iterator[St
         # Google's container's argument forms, engine flags included.
         "--host=127.0.0.1", f"--max-model-len={MAX_MODEL_LEN}", "--gpu-memory-utilization=0.9",
         "--max-loras=1",
-        "--run-dir", str(run_dir), "--replicas", "2", "--gateway-workers", "2",
+        "--run-dir", str(run_dir), "--replicas", str(REPLICAS), "--gateway-workers", "2",
         "--stop-grace", "20", f"--max-inflight={MAX_INFLIGHT}",
         f"--request-timeout={REQUEST_TIMEOUT_S}",
         "--served-model-name", DEMO_MODEL_NAME,
@@ -136,7 +223,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, storage: str) -> Iterator[St
 
     def all_ready() -> bool:
         status, body = s.request("/health", timeout=5)
-        return status == 200 and body["ready_replicas"] == 2
+        return status == 200 and body["ready_replicas"] == REPLICAS
 
     try:
         wait_for(ready, STARTUP_DEADLINE_S, "/ping to say 200", every=0.5)

@@ -5,38 +5,32 @@ These run after test_api.py (file order) and the last one stops the stack.
 
 from __future__ import annotations
 
-import http.client
-import json
 import signal
 import time
-from urllib.parse import urlsplit
 
 import psutil
 import pytest
 
 from tests.e2e.conftest import Stack
-from tests.helpers import descendants
+from tests.helpers import descendants, hang_up
 
 pytestmark = pytest.mark.e2e
 
-ASKED_TOKENS = 1000
-
 
 def test_a_client_that_disconnects_aborts_its_generation(stack: Stack) -> None:
+    # MARGIN x 10 s of work (one request, n sequences): most of it is left when the
+    # client goes, whatever the machine's speed.
+    work = stack.work_for(10, instances=1)
     before = stack.total("vllm:generation_tokens_total")
-    url = urlsplit(stack.base)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-    body = {"prompt": "go", "max_tokens": ASKED_TOKENS, "ignore_eos": True, "stream": True}
-    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    conn = stack.send("/v1/completions", {"prompt": "go", **work.fields(), "stream": True})
     resp = conn.getresponse()
     assert resp.status == 200
     for _ in range(3):
         assert resp.readline().startswith(b"data: ")
         resp.readline()
-    conn.sock.shutdown(2)  # the client goes away mid-stream
-    conn.close()
+    hang_up(conn)  # the client goes away mid-stream
     generated = stack.generated_once_idle(before)
-    assert generated < ASKED_TOKENS / 2, f"{generated} of {ASKED_TOKENS} tokens were generated"
+    assert generated < work.tokens / 2, f"{generated} of {work.tokens} tokens were generated"
 
 
 def _engine_server(stack: Stack, replica: int) -> psutil.Process:
@@ -63,9 +57,13 @@ def test_a_killed_engine_restarts_while_requests_keep_succeeding(stack: Stack) -
     assert left_behind
     victim.kill()  # SIGKILL to the server alone, as an OOM kill would
     seen: set[str] = set()
-    answered = 0
+    answered = answered_while_down = 0
     deadline = time.monotonic() + 600
     while True:
+        state = _replica_state(stack, 1)
+        seen.add(state)
+        if state == "ready" and seen - {"ready"}:
+            break
         status, body = stack.request(
             "/v1/completions", {"model": "", "prompt": "still there?", "max_tokens": 4}
         )
@@ -75,15 +73,13 @@ def test_a_killed_engine_restarts_while_requests_keep_succeeding(stack: Stack) -
             "/predict", {"instances": [{"prompt": "and you?", "max_tokens": 2}]}
         )
         assert status == 200, f"predict failed during the restart: {status} {body}"
-        state = _replica_state(stack, 1)
-        seen.add(state)
-        if state == "ready" and seen - {"ready"}:
-            break
+        answered_while_down += state != "ready"
         assert time.monotonic() < deadline, f"replica 1 did not come back; states seen: {seen}"
         time.sleep(0.2)
     assert seen & {"down", "starting"}, seen
     assert not [p for p in left_behind if p.is_running()], "the dead server's children live on"
-    assert answered >= 10
+    # Requests succeeded while replica 1 was out, however quickly it came back.
+    assert answered_while_down >= 1, (answered, seen)
     assert _engine_server(stack, 1).pid != victim.pid
     out = [stack.request("/v1/completions", {"prompt": "x", "max_tokens": 2})[0] for _ in range(4)]
     assert out == [200] * 4

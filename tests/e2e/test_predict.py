@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import http.client
-import json
-import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 import psutil
@@ -22,17 +18,19 @@ from tests.e2e.conftest import (
     MAX_INFLIGHT,
     MAX_MODEL_LEN,
     REQUEST_TIMEOUT_S,
+    SEQUENCE_TOKENS,
     VERTEX_ENV,
     Stack,
+    Work,
 )
 from tests.gcs_emulator import client
-from tests.helpers import descendants, http_json, wait_for
+from tests.helpers import descendants, hang_up, http_json, wait_for
 
 pytestmark = pytest.mark.e2e
 
 CHAT = "chatCompletions"
 USER = [{"role": "user", "content": "Say something."}]
-LONG = {"max_tokens": 1000, "ignore_eos": True}  # about 1000 tokens of work per sequence
+LONG = {"max_tokens": SEQUENCE_TOKENS, "ignore_eos": True}  # as long as the context allows
 
 
 def _chat(**fields: Any) -> dict[str, Any]:
@@ -212,20 +210,27 @@ def test_a_body_too_large_is_413(stack: Stack) -> None:
 # --- cancellation -----------------------------------------------------------------------
 
 
+def _instances(work: Work) -> list[dict[str, Any]]:
+    return [{**work.fields(), "prompt": "go"}] * work.instances
+
+
 def test_a_failed_instance_cancels_the_others_engine_work(stack: Stack) -> None:
+    # MARGIN x 10 s of work: had the failure not cancelled it, far more than half of it
+    # would be generated before the engines went idle.
+    work = stack.work_for(10, instances=3)
+    asked = work.tokens
     before = stack.total("vllm:generation_tokens_total")
-    asked = 3 * LONG["max_tokens"]
-    instances = [{**LONG, "prompt": "go"}] * 3 + [{"prompt": "word " * 3000}]
+    instances = [*_instances(work), {"prompt": "word " * 3000}]
     assert _error(stack, {"instances": instances}, 400).startswith("instances[3]: ")
     generated = stack.generated_once_idle(before)
     assert generated < asked / 2, f"{generated} of {asked} tokens were generated"
 
 
 def test_the_deadline_gives_504_and_stops_the_generation(stack: Stack) -> None:
+    # MARGIN x what the engines make in the deadline at their measured saturated rate.
+    work = stack.work_for(REQUEST_TIMEOUT_S, instances=64)
+    instances, asked = _instances(work), work.tokens
     before = stack.total("vllm:generation_tokens_total")
-    # 256 sequences of 1000 tokens: several times what the engines make in the deadline.
-    instances = [{**LONG, "prompt": "go", "n": 8}] * 32
-    asked = 32 * 8 * LONG["max_tokens"]
     start = time.monotonic()
     message = _error(stack, {"instances": instances}, 504)
     took = time.monotonic() - start
@@ -237,33 +242,21 @@ def test_the_deadline_gives_504_and_stops_the_generation(stack: Stack) -> None:
     assert generated - at_deadline < asked * 0.05, "generation went on after the deadline"
 
 
-def _send(stack: Stack, body: object) -> http.client.HTTPConnection:
-    url = urlsplit(stack.base)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    conn.request("POST", "/predict", json.dumps(body), {"Content-Type": "application/json"})
-    return conn
-
-
-def _hang_up(conn: http.client.HTTPConnection) -> None:
-    conn.sock.shutdown(socket.SHUT_RDWR)
-    conn.close()
-
-
 @pytest.mark.parametrize("streamed", [False, True])
 def test_a_client_that_disconnects_cancels_every_instance(stack: Stack, streamed: bool) -> None:
+    # MARGIN x 10 s of work, so it is still running when the client goes and most of it
+    # is left: one streamed chat instance (a text one streams one sequence), or 32 instances.
+    work = stack.work_for(10, instances=1 if streamed else 32)
+    asked = work.tokens
+    instances = [_chat(**work.fields(), stream=True)] if streamed else _instances(work)
     before = stack.total("vllm:generation_tokens_total")
-    if streamed:
-        instances = [{**LONG, "prompt": "go", "stream": True}]
-    else:  # enough work to be sure it is still running when the client goes
-        instances = [{**LONG, "prompt": "go", "n": 8}] * 32
-    asked = sum(i.get("n", 1) for i in instances) * LONG["max_tokens"]
-    conn = _send(stack, {"instances": instances})
+    conn = stack.send("/predict", {"instances": instances})
     if streamed:
         resp = conn.getresponse()
         assert resp.status == 200 and resp.readline().startswith(b"data: ")
     else:
         wait_for(lambda: stack.total("vllm:num_requests_running") > 0, 30, "generation to start")
-    _hang_up(conn)
+    hang_up(conn)
     generated = stack.generated_once_idle(before)
     assert generated < asked / 2, f"{generated} of {asked} tokens were generated"
 
@@ -274,7 +267,7 @@ def test_a_client_that_disconnects_cancels_every_instance(stack: Stack, streamed
 def _stream(stack: Stack, body: object) -> tuple[int, str, list[tuple[float, bytes]]]:
     """(status, content type, [(seconds since the request, bytes read)]) of a predict call."""
     start = time.monotonic()
-    resp = _send(stack, body).getresponse()
+    resp = stack.send("/predict", body).getresponse()
     reads = []
     while data := resp.read1(65536):
         reads.append((time.monotonic() - start, data))
@@ -335,16 +328,17 @@ def test_the_legacy_nul_separated_format(stack: Stack) -> None:
 
 
 def test_a_stream_past_the_deadline_ends_with_a_504_event(stack: Stack) -> None:
+    # One instance goes to one engine; sized by both engines' rate, MARGIN x the deadline.
+    work = stack.work_for(REQUEST_TIMEOUT_S, instances=1)
+    body = {"instances": [_chat(**work.fields(), stream=True)]}
     before = stack.total("vllm:generation_tokens_total")
-    # 128 sequences of 1000 tokens on one engine: far more than it makes in the deadline.
-    body = {"instances": [_chat(**LONG, n=128, stream=True)]}
     status, _, reads = _stream(stack, body)
     assert status == 200
     events = _events(reads, b"\n\n")
     last = orjson.loads(events[-1][1].removeprefix(b"data: "))
     assert last["error"]["code"] == 504 and events[-1][0] >= REQUEST_TIMEOUT_S
     generated = stack.generated_once_idle(before)
-    assert generated < 128 * LONG["max_tokens"] / 2, generated
+    assert generated < work.tokens / 2, f"{generated} of {work.tokens} tokens were generated"
 
 
 def test_a_streamed_request_the_engine_refuses_is_a_plain_json_error(stack: Stack) -> None:
@@ -375,14 +369,24 @@ def _check_burst(answers: list[tuple[int, dict, Any]]) -> None:
             assert headers["Retry-After"] and body["error"]["status"] == "RESOURCE_EXHAUSTED"
 
 
+# A burst arrives within BURST_S (threads released at once on loopback take milliseconds).
+# The requests admitted must still run when its last one arrives, and finish inside the
+# deadline: together they are MARGIN x BURST_S of saturating work at the measured rate,
+# MARGIN x longer than needed and several times shorter than REQUEST_TIMEOUT_S.
+BURST_S = 0.5
+
+
 def test_predict_over_max_inflight_gets_429(stack: Stack) -> None:
-    # Each gateway worker admits MAX_INFLIGHT / 2 engine requests; 4 per request here.
-    body = {"instances": [{**LONG, "max_tokens": 200, "prompt": "go"}] * 4}
+    # Each gateway worker admits MAX_INFLIGHT / 2 engine requests; 4 per request here,
+    # so MAX_INFLIGHT / 4 requests run and the rest get 429.
+    work = stack.work_for(BURST_S, instances=MAX_INFLIGHT)
+    body = {"instances": _instances(work)[:4]}
     _check_burst(_burst(12, lambda _: http_json(stack.base + "/predict", body, timeout=120)))
 
 
 def test_openai_routes_over_max_inflight_get_429(stack: Stack) -> None:
-    body = {"prompt": "go", "max_tokens": 200, "ignore_eos": True}
+    # nginx admits MAX_INFLIGHT requests, each one instance's worth of work.
+    body = {"prompt": "go", **stack.work_for(BURST_S, instances=MAX_INFLIGHT).fields()}
     url = stack.base + "/v1/completions"
     _check_burst(_burst(MAX_INFLIGHT * 2, lambda _: http_json(url, body, timeout=120)))
 
