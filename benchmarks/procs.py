@@ -12,6 +12,7 @@ from collections import defaultdict
 
 import psutil
 
+from engine.workers import VLLM_SERVER_MODULE
 from tests.helpers import descendants
 
 # Report order. "engine core+workers" are the API server's descendants.
@@ -26,7 +27,7 @@ ROLES = (
     "other",
     "outside",
 )
-API_SERVER = "vllm.entrypoints.openai.api_server"
+API_SERVER = VLLM_SERVER_MODULE
 
 Key = tuple[int, float]  # (pid, create time): survives pid reuse
 Snapshot = dict[Key, tuple[str, str, float]]  # key -> (role, process name, user+system s)
@@ -47,7 +48,7 @@ def _role(p: psutil.Process, api_pids: set[int], root: int) -> str:
         return "nginx"
     if "gateway.worker" in cmd:
         return "gateway"
-    if "gateway.monitor" in cmd:
+    if "gateway.control.monitor" in cmd:
         return "monitor"
     return "other"
 

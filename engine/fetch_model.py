@@ -4,8 +4,9 @@
 config.json, and wrote the job to download.json in the run dir. This mirrors it
 (parallel, verified, resumable), writes its progress for /health and the log
 every few seconds, and finally MODEL_READY, which the engines wait for. With no
-job it marks the model ready at once. A failure exits non-zero: supervisord
-retries, and a retry resumes where the last one stopped.
+job it marks the model ready at once. A failure (after the storage
+client's own retries) is for good: it is written down for the monitor, which
+ends the run with its cause.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from engine.gcs import DownloadError, Progress, download
 JOB_FILE = "download.json"
 PROGRESS_FILE = "download-progress.json"
 MODEL_READY = "model-ready"
+# Written when the download fails for good (after google-cloud-storage's own retries):
+# the monitor ends the run with its cause rather than let the engines wait for 2 h.
+DOWNLOAD_FAILED = "download-failed.json"
 
 log = logging.getLogger("vgate.download")
 
@@ -47,6 +51,7 @@ def main() -> int:
             done = download(uri, Path(job["dest"]), workers=job["workers"], on_progress=report)
         except DownloadError as e:
             log.error("%s", e)
+            write_json(run_dir / DOWNLOAD_FAILED, {"cause": f"the model download failed: {e}"})
             return 1
         log.info(
             "%s: complete, %d of %d files were already here",

@@ -6,10 +6,16 @@ wrote and runs vLLM in that group. vLLM spawns an engine core and workers that
 outlive a server killed with SIGKILL (an OOM kill, say) and would hold the
 memory its restart needs; so when the server exits, for whatever reason,
 everything left in the group is killed before supervisord restarts it.
+
+vLLM's output passes through here on its way to the log, so that when it exits
+the launcher can record why (engine.failures): the monitor reads these records
+to tell a replica that cannot start from one that crashed once.
 """
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from engine.failures import Failure, classify
 from engine.fetch_model import MODEL_READY
 from engine.workers import load_workers
 
@@ -33,6 +40,38 @@ def wait_for_model(run_dir: Path, deadline_s: float = MODEL_WAIT_S) -> None:
         time.sleep(1)
 
 
+# vLLM's last lines kept for the exit record: a traceback's last line is among them.
+TAIL_LINES = 60
+
+
+def exits_path(run_dir: Path, replica: int) -> Path:
+    return run_dir / f"engine-{replica}.exits"
+
+
+def record_exit(run_dir: Path, replica: int, failure: Failure) -> None:
+    """One JSON line per exit; appended, so a reader never sees half a record it counts."""
+    line = json.dumps({"cause": failure.cause, "hint": failure.hint}) + "\n"
+    with exits_path(run_dir, replica).open("a") as f:
+        f.write(line)
+
+
+def read_exits(run_dir: Path, replica: int) -> list[Failure]:
+    try:
+        lines = exits_path(run_dir, replica).read_text().splitlines()
+    except OSError:
+        return []
+    return [Failure(**json.loads(line)) for line in lines if line.endswith("}")]
+
+
+def relay(source: object, tail: collections.deque[str]) -> None:
+    """Copy vLLM's output to ours line by line, keeping the last lines."""
+    out = sys.stdout.buffer
+    for line in source:  # type: ignore[attr-defined]
+        out.write(line)
+        out.flush()
+        tail.append(line.decode(errors="replace").rstrip())
+
+
 def main(argv: list[str]) -> None:
     replica = int(argv[1])
     run_dir = Path(os.environ["VGATE_RUN_DIR"])
@@ -45,9 +84,17 @@ def main(argv: list[str]) -> None:
     # (A Python handler, unlike SIG_IGN, is not inherited by vLLM.)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server = subprocess.Popen(worker.argv, env=env)
+    out = subprocess.PIPE
+    server = subprocess.Popen(worker.argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    relay(server.stdout, tail)
     code = server.wait()
-    print(f"vgate: engine replica {replica} exited ({code}); stopping what it left", flush=True)
+    failure = classify(list(tail), code)
+    record_exit(run_dir, replica, failure)
+    print(
+        f"vgate: engine replica {replica} exited ({code}): {failure.line()}; stopping what it left",
+        flush=True,
+    )
     os.killpg(os.getpgrp(), signal.SIGKILL)  # this process too: supervisord restarts it
 
 

@@ -1,7 +1,8 @@
 """What each engine worker runs: vLLM's own OpenAI server, its arguments and environment.
 
 vgate depends on vLLM's CLI flags only; everything it does not know about is
-passed through to every engine unchanged.
+passed through to every engine unchanged (engine.vllm_args has read and
+checked them by then).
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ from pathlib import Path
 from engine.files import write_atomic
 from engine.placement import Placement, cpu_bind
 
-VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# vLLM 0.32's server module; `vllm.entrypoints.openai.api_server` is its deprecated alias.
+VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 # GiB of KV cache per CPU engine unless the user set VLLM_CPU_KVCACHE_SPACE.
 DEFAULT_CPU_KVCACHE_GIB = "1"
-# vLLM 0.32's --max-num-seqs default for its OpenAI server: 128 per CPU worker,
-# 256 on most GPUs (1024 on GPUs of 70 GB and more: pass the flag to be exact).
-DEFAULT_MAX_NUM_SEQS = {"cpu": 128, "cuda": 256}
 
 
 @dataclass(frozen=True)
@@ -41,46 +40,22 @@ def engine_argv(
     model: str,
     port: int,
     served_model_name: str | None,
-    tensor_parallel_size: int,
     passthrough: list[str],
 ) -> list[str]:
-    """The vLLM server command line; engines listen on loopback only."""
+    """The vLLM server command line; engines listen on loopback only.
+
+    `served_model_name`: vgate's name for the model, when the flags name none.
+    """
     argv = [python, "-m", VLLM_SERVER_MODULE, "--model", model]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
-    if tensor_parallel_size != 1:
-        argv += ["--tensor-parallel-size", str(tensor_parallel_size)]
     if served_model_name:
         argv += ["--served-model-name", served_model_name]
     return argv + passthrough
 
 
-def flag_value(argv: list[str], flag: str) -> str | None:
-    """The value of a vLLM flag in either form (`--f v` or `--f=v`); the last one wins."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
-def max_num_seqs(passthrough: list[str], device: str, tensor_parallel_size: int) -> int:
-    """Sequences one engine runs at once: the flag if given, else vLLM's default."""
-    given = flag_value(passthrough, "--max-num-seqs")
-    if given is not None and given.isdigit() and int(given) > 0:
-        return int(given)
-    per_worker = DEFAULT_MAX_NUM_SEQS[device]
-    return per_worker * tensor_parallel_size if device == "cpu" else per_worker
-
-
-def lora_enabled(passthrough: list[str]) -> bool:
-    return "--enable-lora" in passthrough or "--enable-lora=true" in passthrough
-
-
-def lora_env(passthrough: list[str], cache_dir: str, cache_bytes: int) -> dict[str, str]:
+def lora_env(enabled: bool, cache_dir: str, cache_bytes: int) -> dict[str, str]:
     """With --enable-lora: adapters load at run time, through vgate's resolver and cache."""
-    if not lora_enabled(passthrough):
+    if not enabled:
         return {}
     return {
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
@@ -106,7 +81,6 @@ def build_workers(
     python: str,
     model: str,
     served_model_name: str | None,
-    tensor_parallel_size: int,
     passthrough: list[str],
     environ: dict[str, str],
     extra_env: dict[str, str] | None = None,
@@ -116,9 +90,7 @@ def build_workers(
             replica=p.replica,
             port=port,
             device=p.label,
-            argv=engine_argv(
-                python, model, port, served_model_name, tensor_parallel_size, passthrough
-            ),
+            argv=engine_argv(python, model, port, served_model_name, passthrough),
             env={**engine_env(p, environ), **(extra_env or {})},
         )
         for p, port in zip(placements, ports, strict=True)

@@ -2,7 +2,8 @@
 
 Precedence for every setting: CLI flag, then VGATE_* environment, then Vertex's
 AIP_* environment, then the default. Flags vgate does not know are vLLM engine
-flags: they pass through to every engine unchanged.
+flags: they pass through to every engine, and vLLM's own parser reads them once
+(engine.vllm_args) into `Config.engine`, the view everything else asks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.placement import DEVICES
+from engine.vllm_args import EngineArgs
 
 
 class ConfigError(ValueError):
@@ -24,9 +26,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Config:
     model: str | None = None
-    served_model_name: str | None = None
     replicas: int | None = None
-    tensor_parallel_size: int = 1
     device: str = "auto"
     host: str = "0.0.0.0"
     port: int = 8080
@@ -44,14 +44,24 @@ class Config:
     download_workers: int = 16
     lora_cache_dir: str = "/tmp/vgate-lora"
     lora_cache_bytes: int = 10 * 1024**3
+    host_kv_cache_fraction: float | None = None
     engine_args: list[str] = field(default_factory=list)
+    # Set by `vgate serve` once vLLM's parser has read engine_args.
+    engine: EngineArgs = field(default_factory=EngineArgs)
+    engine_env: dict[str, str] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: Path) -> Config:
-        return cls(**json.loads(path.read_text()))
+        values = json.loads(path.read_text())
+        return cls(**{**values, "engine": EngineArgs(**values["engine"])})
+
+
+def gateway_socket(run_dir: Path, worker: int) -> Path:
+    """Where gateway worker `worker` listens (nginx's gateways upstream)."""
+    return run_dir / f"gateway-{worker}.sock"
 
 
 def _positive_int(text: str) -> int:
@@ -75,81 +85,161 @@ def _port(text: str) -> int:
     return value
 
 
-def _device(text: str) -> str:
-    if text not in DEVICES:
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
         raise ValueError(text)
-    return text
+    return value
 
 
-# name: (parser, VGATE_* env, AIP_* env (or other platform env), help)
-_SETTINGS: dict[str, tuple[Callable[[str], Any], str, tuple[str, ...], str]] = {
-    "model": (
+EXPECTED: dict[Callable[[str], Any], str] = {
+    _positive_int: "a positive integer",
+    _positive_float: "a positive number",
+    _port: "a port number, 1 to 65535",
+    _fraction: "a number from 0 up to 1",
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    parse: Callable[[str], Any]
+    env: str  # VGATE_*
+    platform_env: tuple[str, ...]  # Vertex's AIP_* (or Google's) environment, in order
+    help: str
+    group: str
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+
+MODEL, FRONT, ENGINES, REQUESTS, FILES = "model", "front door", "engines", "requests", "files"
+
+_SETTINGS: dict[str, Setting] = {
+    "model": Setting(
         str,
         "VGATE_MODEL",
         ("AIP_STORAGE_URI", "MODEL_ID"),
-        "HF id, local dir or gs:// URI; none: the built-in demo model",
+        "Hugging Face id, local dir or gs:// URI (also the first argument: vgate serve MODEL); "
+        "none: the built-in demo model",
+        MODEL,
+        metavar="MODEL",
     ),
-    "served_model_name": (str, "VGATE_SERVED_MODEL_NAME", (), "model name the API reports"),
-    "replicas": (
+    "replicas": Setting(
         _positive_int,
         "VGATE_REPLICAS",
         (),
-        "engine replicas (default: GPUs / tensor-parallel size; 2 on the CPU)",
+        "engine replicas (default: visible GPUs / (tensor x pipeline parallel size); on the CPU 2)",
+        ENGINES,
+        metavar="N",
     ),
-    "tensor_parallel_size": (
-        _positive_int,
-        "VGATE_TENSOR_PARALLEL_SIZE",
+    "device": Setting(str, "VGATE_DEVICE", (), "where engines run", ENGINES, choices=DEVICES),
+    "host_kv_cache_fraction": Setting(
+        _fraction,
+        "VGATE_HOST_KV_CACHE_FRACTION",
         (),
-        "GPUs per engine replica",
+        "share of free host memory for the GPU engines' second-tier KV cache (vLLM's "
+        "--kv-offloading-size, split over replicas); Google's "
+        "--host-prefix-kv-cache-utilization-target",
+        ENGINES,
+        metavar="F",
     ),
-    "device": (_device, "VGATE_DEVICE", (), "auto, cpu or cuda"),
-    "host": (str, "VGATE_HOST", (), "address of the front door"),
-    "port": (_port, "VGATE_PORT", ("AIP_HTTP_PORT",), "port of the front door"),
-    "gateway_workers": (_positive_int, "VGATE_GATEWAY_WORKERS", (), "gateway processes"),
-    "max_request_bytes": (
+    "host": Setting(str, "VGATE_HOST", (), "address of the front door", FRONT),
+    "port": Setting(_port, "VGATE_PORT", ("AIP_HTTP_PORT",), "port of the front door", FRONT),
+    "gateway_workers": Setting(
+        _positive_int, "VGATE_GATEWAY_WORKERS", (), "gateway processes", FRONT, metavar="N"
+    ),
+    "health_route": Setting(
+        str, "VGATE_HEALTH_ROUTE", ("AIP_HEALTH_ROUTE",), "extra health route", FRONT
+    ),
+    "predict_route": Setting(
+        str, "VGATE_PREDICT_ROUTE", ("AIP_PREDICT_ROUTE",), "extra predict route", FRONT
+    ),
+    "max_request_bytes": Setting(
         _positive_int,
         "VGATE_MAX_REQUEST_BYTES",
         (),
-        "largest request body accepted",
+        "largest request body accepted (413 beyond)",
+        REQUESTS,
+        metavar="BYTES",
     ),
-    "request_timeout": (_positive_float, "VGATE_REQUEST_TIMEOUT", (), "seconds a request may take"),
-    "max_instances": (
+    "request_timeout": Setting(
+        _positive_float,
+        "VGATE_REQUEST_TIMEOUT",
+        (),
+        "seconds a request may take (504 beyond)",
+        REQUESTS,
+        metavar="S",
+    ),
+    "max_instances": Setting(
         _positive_int,
         "VGATE_MAX_INSTANCES",
         (),
         "most instances in one predict request",
+        REQUESTS,
+        metavar="N",
     ),
-    "max_inflight": (
+    "max_inflight": Setting(
         _positive_int,
         "VGATE_MAX_INFLIGHT",
         (),
         "engine requests in flight before new ones get 429 "
         "(default: the engines' --max-num-seqs times replicas)",
+        REQUESTS,
+        metavar="N",
     ),
-    "stop_grace": (
+    "stop_grace": Setting(
         _positive_int,
         "VGATE_STOP_GRACE",
         (),
         "seconds in-flight work may finish after SIGTERM",
+        REQUESTS,
+        metavar="S",
     ),
-    "health_route": (str, "VGATE_HEALTH_ROUTE", ("AIP_HEALTH_ROUTE",), "extra health route"),
-    "predict_route": (str, "VGATE_PREDICT_ROUTE", ("AIP_PREDICT_ROUTE",), "extra predict route"),
-    "run_dir": (str, "VGATE_RUN_DIR", (), "where sockets, pid files and rendered configs go"),
-    "download_dir": (str, "VGATE_DOWNLOAD_DIR", (), "local mirror of gs:// models"),
-    "lora_cache_dir": (str, "VGATE_LORA_CACHE_DIR", (), "disk cache of fetched LoRA adapters"),
-    "lora_cache_bytes": (
-        _positive_int,
-        "VGATE_LORA_CACHE_BYTES",
+    "run_dir": Setting(
+        str,
+        "VGATE_RUN_DIR",
         (),
-        "most bytes of adapters kept on disk (least recently used go first)",
+        "where sockets, pid files and rendered configs go (default: a new temp dir)",
+        FILES,
+        metavar="DIR",
     ),
-    "download_workers": (
+    "download_dir": Setting(
+        str, "VGATE_DOWNLOAD_DIR", (), "local mirror of gs:// models", FILES, metavar="DIR"
+    ),
+    "download_workers": Setting(
         _positive_int,
         "VGATE_DOWNLOAD_WORKERS",
         (),
         "files (and byte ranges of large files) downloaded at once",
+        FILES,
+        metavar="N",
+    ),
+    "lora_cache_dir": Setting(
+        str,
+        "VGATE_LORA_CACHE_DIR",
+        (),
+        "disk cache of fetched LoRA adapters",
+        FILES,
+        metavar="DIR",
+    ),
+    "lora_cache_bytes": Setting(
+        _positive_int,
+        "VGATE_LORA_CACHE_BYTES",
+        (),
+        "most bytes of adapters kept on disk (least recently used go first)",
+        FILES,
+        metavar="BYTES",
     ),
 }
+
+ENGINE_FLAGS_HELP = """engine flags:
+  Every other flag is a vLLM engine flag, given to every engine replica as it is
+  (--max-model-len 4096, --max-model-len=4096, -tp 2, or anything after --).
+  vLLM's own parser checks them before anything starts; they are listed by
+  `python -m vllm.entrypoints.launchers.api_server.entry --help=all`. Google's Model Garden
+  container arguments are accepted as its notebooks write them.
+
+Each setting also reads the environment variables in [brackets], in that order
+after the flag."""
 
 
 def _flag(name: str) -> str:
@@ -159,13 +249,30 @@ def _flag(name: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vgate serve",
-        description="Serve a model: nginx, the gateway and vLLM engines under supervisord. "
-        "Unknown flags (and everything after --) go to every vLLM engine.",
+        usage="vgate serve [MODEL] [vgate flags] [engine flags] [-- engine flags]",
+        description="Serve a model: nginx, the Vertex gateway and vLLM engine replicas "
+        "under supervisord, on one port.",
+        epilog=ENGINE_FLAGS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    for name, (_, env, platform_env, help_text) in _SETTINGS.items():
-        sources = " > ".join([env, *platform_env])
-        parser.add_argument(_flag(name), dest=name, default=None, help=f"{help_text} [{sources}]")
+    defaults = Config()
+    groups = {
+        title: parser.add_argument_group(title)
+        for title in (MODEL, ENGINES, FRONT, REQUESTS, FILES)
+    }
+    for name, setting in _SETTINGS.items():
+        sources = " > ".join([setting.env, *setting.platform_env])
+        default = getattr(defaults, name)
+        shown = "" if default is None else f" (default: {default})"
+        choices = "{" + ",".join(setting.choices) + "}" if setting.choices else None
+        groups[setting.group].add_argument(
+            _flag(name),
+            dest=name,
+            default=None,
+            metavar=choices or setting.metavar or name.split("_")[-1].upper(),
+            help=f"{setting.help}{shown} [{sources}]",
+        )
     return parser
 
 
@@ -176,21 +283,35 @@ def resolve(argv: list[str], environ: Mapping[str, str]) -> Config:
         argv, after = argv[:cut], argv[cut + 1 :]
     else:
         after = []
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    positional = None
+    if argv and not argv[0].startswith("-"):  # vgate serve MODEL ..., as vllm serve MODEL
+        positional, argv = argv[0], argv[1:]
+    args, unknown = build_parser().parse_known_args(argv)
+    if positional is not None:
+        if args.model is not None:
+            raise ConfigError(f"the model is given twice: {positional} and --model {args.model}")
+        args.model = positional
     values: dict[str, Any] = {}
-    for name, (convert, env, platform_env, _) in _SETTINGS.items():
+    for name, setting in _SETTINGS.items():
         for source, raw in [
             (_flag(name), getattr(args, name)),
-            *((key, environ.get(key)) for key in (env, *platform_env)),
+            *((key, environ.get(key)) for key in (setting.env, *setting.platform_env)),
         ]:
             if raw is None or raw == "":
                 continue
             try:
-                values[name] = convert(raw)
+                values[name] = setting.parse(raw)
+                if setting.choices and values[name] not in setting.choices:
+                    raise ValueError(raw)
             except ValueError:
-                raise ConfigError(f"{source}: invalid value {raw!r}") from None
+                expected = (
+                    "one of " + ", ".join(setting.choices)
+                    if setting.choices
+                    else EXPECTED.get(setting.parse)
+                )
+                raise ConfigError(
+                    f"{source}: invalid value {raw!r}"
+                    + (f" (expected {expected})" if expected else "")
+                ) from None
             break
-    # --tensor-parallel-size and --served-model-name are ours and vLLM's:
-    # engine.workers gives them to every engine.
     return Config(**values, engine_args=unknown + after)

@@ -1,31 +1,32 @@
 """Health that Vertex and Kubernetes can trust, answered at once from the monitor's state.
 
 200 while at least one engine replica is ready, 503 before that (Vertex keeps
-probing and routes no traffic until 200).
+probing and routes no traffic until 200). A replica that cannot start is
+`failed` with its cause; when every one has failed the status says so too.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import orjson
 from aiohttp import web
 
 from engine.fetch_model import MODEL_READY, PROGRESS_FILE
-from gateway.state import READY
+from gateway.state import FAILED, READY
 
 
 def _answer(request: web.Request, detail: bool) -> web.Response:
     replicas = request.app["state"].replicas()
     ready = sum(r.state == READY for r in replicas)
+    failed = bool(replicas) and all(r.state == FAILED for r in replicas)
     body: dict[str, object] = {
-        "status": "ready" if ready else "starting",
+        "status": "ready" if ready else FAILED if failed else "starting",
         "ready_replicas": ready,
         "replicas_total": len(replicas),
     }
     if detail:
-        body["replicas"] = [asdict(r) for r in replicas]
+        body["replicas"] = [r.public() for r in replicas]
         download = _download_progress(request.app["run_dir"])
         if download is not None:
             body["download"] = download

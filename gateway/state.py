@@ -18,7 +18,7 @@ STATE_FILE = "state.json"
 # The monitor writes every second; older than this, it is not reporting.
 STALE_AFTER_S = 10.0
 
-STARTING, READY, DOWN = "starting", "ready", "down"
+STARTING, READY, DOWN, FAILED = "starting", "ready", "down", "failed"
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,11 @@ class ReplicaState:
     replica: int
     state: str
     device: str
+    cause: str | None = None  # why a failed replica cannot start
+
+    def public(self) -> dict[str, object]:
+        """As /health shows it: the cause only when there is one."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def classify(process_state: str | None, healthy: bool) -> str:
@@ -39,7 +44,7 @@ def classify(process_state: str | None, healthy: bool) -> str:
 
 def write_state(path: Path, replicas: list[ReplicaState], now: float | None = None) -> None:
     body = {"updated": time.time() if now is None else now}
-    body["replicas"] = [asdict(r) for r in replicas]
+    body["replicas"] = [r.public() for r in replicas]
     write_atomic(path, orjson.dumps(body))
 
 

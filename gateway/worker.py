@@ -13,8 +13,7 @@ import uvloop
 from aiohttp import web
 
 from gateway.app import make_app
-from gateway.config import Config
-from gateway.nginx_config import gateway_socket
+from gateway.config import Config, gateway_socket
 
 
 async def serve(worker: int, run_dir: Path) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from engine.workers import lora_enabled
 from gateway.admission import Admission
 from gateway.engine_schema import SchemaReader
 from gateway.errors import ApiError
@@ -69,7 +68,7 @@ async def _stream(
 def add_routes(app: web.Application, run_dir: Path, extra_route: str | None) -> None:
     """/generate, /predict and Vertex's AIP_PREDICT_ROUTE."""
     app["engine_schemas"] = SchemaReader(run_dir)
-    app["lora"] = lora_enabled(app["config"].engine_args)
+    app["lora"] = app["config"].engine.enable_lora
     app["media"] = MediaReader()
     for path in dict.fromkeys(["/generate", "/predict", extra_route or "/predict"]):
         app.router.add_post(path, predict_handler)

@@ -193,7 +193,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, storage: str) -> Iterator[St
     log = run_dir / "stack.log"
     port = free_port()
     argv = [
-        sys.executable, "-m", "gateway.cli", "serve",
+        sys.executable, "-m", "gateway.control.cli", "serve",
         # Google's container's argument forms, engine flags included.
         "--host=127.0.0.1", f"--max-model-len={MAX_MODEL_LEN}", "--gpu-memory-utilization=0.9",
         "--max-loras=1",

@@ -44,7 +44,7 @@ def lora_stack(storage: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         upload_dir(client(storage), bucket, prefix, make_adapter(base, work / f"a{i}", seed=i))
     port = free_port()
     argv = [
-        sys.executable, "-m", "gateway.cli", "serve", "--model", str(base),
+        sys.executable, "-m", "gateway.control.cli", "serve", "--model", str(base),
         "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(work / "run"),
         "--replicas", "1", "--gateway-workers", "1", "--max-model-len", "512",
         "--enable-lora", "--max-lora-rank", "8", "--lora-cache-dir", str(work / "cache"),

@@ -10,14 +10,14 @@ import sys
 import pytest
 
 from gateway.config import ConfigError
-from gateway.serve import find_nginx
+from gateway.control.serve import find_nginx
 from tests.helpers import free_port, stop_tree
 
 
 def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `vgate serve`; should it start serving after all, stop everything it started."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", *args],
+        [sys.executable, "-m", "gateway.control.cli", "serve", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -73,7 +73,7 @@ def test_nginx_not_installed() -> None:
 
 def test_demo_model_command_writes_a_model(tmp_path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "demo-model", str(tmp_path / "m")],
+        [sys.executable, "-m", "gateway.control.cli", "demo-model", str(tmp_path / "m")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -87,7 +87,7 @@ def test_a_gcs_model_that_is_not_there_stops_serve_before_anything_starts(tmp_pa
 
     with emulator() as url:
         out = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "serve", "--model", "gs://no-bucket/llama",
+            [sys.executable, "-m", "gateway.control.cli", "serve", "--model", "gs://no-bucket/llama",
              "--port", str(free_port()), "--run-dir", str(tmp_path / "run")],
             env={**os.environ, "STORAGE_EMULATOR_HOST": url},
             capture_output=True, text=True, timeout=120,

@@ -189,7 +189,7 @@ def test_the_download_program_reports_progress_and_marks_the_model_ready(
 def test_vgate_download_alone(model: tuple[str, Path], tmp_path: Path, storage_url: str) -> None:
     uri, source = model
     env = {**os.environ, "STORAGE_EMULATOR_HOST": storage_url}
-    vgate = [sys.executable, "-m", "gateway.cli", "download"]
+    vgate = [sys.executable, "-m", "gateway.control.cli", "download"]
     ok = subprocess.run(
         [*vgate, uri, str(tmp_path / "d")], env=env, capture_output=True, text=True, timeout=120
     )

@@ -19,11 +19,11 @@ import psutil
 import pytest
 
 from engine.workers import load_workers
-from gateway import monitor
 from gateway.config import resolve
-from gateway.monitor import apply_upstream
-from gateway.nginx_config import UPSTREAM_FILE
-from gateway.serve import prepare
+from gateway.control import monitor
+from gateway.control.monitor import apply_upstream
+from gateway.control.nginx_config import UPSTREAM_FILE
+from gateway.control.serve import prepare
 from tests.helpers import free_port, http_json, stop_tree, wait_for
 
 

@@ -3,7 +3,7 @@
 from engine.placement import plan
 from engine.workers import build_workers
 from gateway.config import resolve
-from gateway.nginx_config import render_nginx, render_upstream
+from gateway.control.nginx_config import render_nginx, render_upstream
 
 
 def test_front_door_and_internal_listener(tmp_path) -> None:
@@ -31,7 +31,7 @@ def test_ipv6_host_is_bracketed(tmp_path) -> None:
 
 
 def test_upstream_lists_ready_engines_and_marks_the_rest_down() -> None:
-    workers = build_workers(plan("cpu", [], [0, 1]), [9001, 9002], "py", "m", None, 1, [], {})
+    workers = build_workers(plan("cpu", [], [0, 1]), [9001, 9002], "py", "m", None, [], {})
     text = render_upstream(workers, ready={1}, generation="42")
     lines = [line.strip() for line in text.splitlines() if line.strip().startswith("server ")]
     assert lines[0].startswith("server 127.0.0.1:9001") and " down;" in lines[0]

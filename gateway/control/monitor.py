@@ -6,11 +6,19 @@ keeps nginx's engines upstream to the ready replicas (rewrite and reload),
 because a starting vLLM accepts connections long before it can answer them.
 A replica is reported ready only once nginx routes to it: Vertex and Kubernetes
 send traffic as soon as health says 200.
+
+A replica that keeps exiting before it ever got ready is `failed` with its
+cause and is not restarted again; when every replica has failed (or the model
+download failed for good), the monitor writes the cause to FATAL_FILE and
+shuts supervisord down, and `vgate serve` exits with it: Vertex then marks the
+deployment failed in minutes, with the reason in its log, instead of waiting
+out its 2 h deployment timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -21,10 +29,21 @@ from pathlib import Path
 import aiohttp
 from supervisor.xmlrpc import SupervisorTransport
 
+from engine.failures import StartWatch
+from engine.fetch_model import DOWNLOAD_FAILED
+from engine.launch import read_exits
 from engine.workers import EngineWorker, load_workers
+from gateway.control.nginx_config import write_upstream
 from gateway.engine_schema import SCHEMA_FILE, fetch_schema
-from gateway.nginx_config import write_upstream
-from gateway.state import READY, STARTING, STATE_FILE, ReplicaState, classify, write_state
+from gateway.state import (
+    FAILED,
+    READY,
+    STARTING,
+    STATE_FILE,
+    ReplicaState,
+    classify,
+    write_state,
+)
 
 log = logging.getLogger("vgate.monitor")
 
@@ -32,6 +51,7 @@ POLL_INTERVAL_S = 1.0
 HEALTH_TIMEOUT_S = 1.0
 RELOAD_DEADLINE_S = 10.0
 GENERATION_URL = "http://internal/vgate/upstream-generation"
+FATAL_FILE = "fatal.json"  # why the run ended: read by `vgate serve` as it exits
 
 
 class Supervisor:
@@ -52,6 +72,12 @@ class Supervisor:
 
     def reload_nginx(self) -> None:
         self._proxy.supervisor.signalProcess("nginx", "HUP")
+
+    def stop_engine(self, replica: int) -> None:
+        self._proxy.supervisor.stopProcess(f"engine:engine-{replica}", False)
+
+    def shutdown(self) -> None:
+        self._proxy.supervisor.shutdown()
 
 
 async def engine_healthy(session: aiohttp.ClientSession, worker: EngineWorker) -> bool:
@@ -110,6 +136,53 @@ async def _serves(internal: aiohttp.ClientSession, generation: str) -> bool:
         return False
 
 
+def with_failures(
+    run_dir: Path, replicas: list[ReplicaState], watch: StartWatch
+) -> list[ReplicaState]:
+    """Replicas that cannot start marked failed, with their cause."""
+    try:
+        download = json.loads((run_dir / DOWNLOAD_FAILED).read_text())["cause"]
+    except (OSError, ValueError, KeyError):
+        download = None
+    out = []
+    for r in replicas:
+        failure = watch.update(r.replica, read_exits(run_dir, r.replica), r.state == READY)
+        cause = download or (failure.line() if failure else None)
+        out.append(replace(r, state=FAILED, cause=cause) if cause else r)
+    return out
+
+
+def fatal_cause(replicas: list[ReplicaState]) -> str | None:
+    """Why nothing can serve, once every replica has failed."""
+    if not replicas or any(r.state != FAILED for r in replicas):
+        return None
+    causes = list(dict.fromkeys(r.cause or "" for r in replicas))
+    if len(causes) == 1:
+        return f"no engine replica can start: {causes[0]}"
+    return "no engine replica can start: " + "; ".join(
+        f"replica {r.replica}: {r.cause}" for r in replicas
+    )
+
+
+async def stop_failed(
+    supervisor: Supervisor, run_dir: Path, replicas: list[ReplicaState], stopped: set[int]
+) -> None:
+    """Stop retrying replicas that cannot start; end the run when none can."""
+    for r in replicas:
+        if r.state == FAILED and r.replica not in stopped:
+            log.error("replica %d (%s) cannot start: %s", r.replica, r.device, r.cause)
+            stopped.add(r.replica)
+            try:
+                await asyncio.to_thread(supervisor.stop_engine, r.replica)
+            except (OSError, xmlrpc.client.Error) as e:
+                log.warning("replica %d: not stopped: %s", r.replica, e)
+    cause = fatal_cause(replicas)
+    if cause is not None:
+        log.critical("%s", cause)
+        (run_dir / FATAL_FILE).write_text(json.dumps({"cause": cause}))
+        await asyncio.to_thread(supervisor.shutdown)
+
+
 async def apply_upstream(
     internal: aiohttp.ClientSession,
     supervisor: Supervisor,
@@ -146,6 +219,8 @@ async def run(run_dir: Path) -> None:
     routed: set[int] = set()  # the ready engines nginx routes to
     applied: set[int] | None = None  # the set nginx's upstream file was last loaded with
     previous: dict[int, str] = {}
+    watch = StartWatch()
+    stopped: set[int] = set()  # failed replicas, no longer restarted
     timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
     # A new connection each time: a kept-alive one may still reach a worker of the old config.
     internal_socket = aiohttp.UnixConnector(path=str(run_dir / "engines.sock"), force_close=True)
@@ -154,7 +229,7 @@ async def run(run_dir: Path) -> None:
         aiohttp.ClientSession(connector=internal_socket, timeout=timeout) as internal,
     ):
         while True:
-            replicas = await poll_once(session, supervisor, workers)
+            replicas = with_failures(run_dir, await poll_once(session, supervisor, workers), watch)
             if not (run_dir / SCHEMA_FILE).exists():
                 replicas = await _with_schema(session, workers, replicas, run_dir)
             ready = {r.replica for r in replicas if r.state == READY}
@@ -165,6 +240,7 @@ async def run(run_dir: Path) -> None:
                 applied, routed = ready, set(ready)
             replicas = _not_ready_unless(replicas, routed)
             write_state(run_dir / STATE_FILE, replicas)
+            await stop_failed(supervisor, run_dir, replicas, stopped)
             for r in replicas:
                 if previous.get(r.replica) != r.state:
                     log.warning("replica %d (%s): %s", r.replica, r.device, r.state)

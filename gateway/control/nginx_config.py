@@ -16,14 +16,10 @@ import jinja2
 
 from engine.files import write_atomic
 from engine.workers import EngineWorker
-from gateway.config import Config
+from gateway.config import Config, gateway_socket
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "nginx"
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "nginx"
 UPSTREAM_FILE = "engines-upstream.conf"
-
-
-def gateway_socket(run_dir: Path, worker: int) -> Path:
-    return run_dir / f"gateway-{worker}.sock"
 
 
 def _worker_user() -> str | None:

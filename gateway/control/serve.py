@@ -1,14 +1,18 @@
-"""`vgate serve`: resolve the configuration once, prepare the run dir, become supervisord.
+"""`vgate serve`: resolve the configuration once, prepare the run dir, run supervisord.
 
 Every check that can fail does so here, before any process starts, with one
-line that says what is wrong.
+line that says what is wrong: vgate's settings, and the engine flags, read by
+vLLM's own parser. Once running, a run that cannot serve at all (no replica can
+start) ends with a non-zero exit and its cause.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,16 +21,20 @@ from pathlib import Path
 
 from engine import placement
 from engine.demo_model import DEMO_MODEL_NAME
-from engine.fetch_model import JOB_FILE, MODEL_READY, PROGRESS_FILE, write_json
+from engine.fetch_model import DOWNLOAD_FAILED, JOB_FILE, MODEL_READY, PROGRESS_FILE, write_json
 from engine.gcs import MODEL_CONFIG, DownloadError, list_objects, make_client
+from engine.launch import exits_path
 from engine.model_source import ModelSourceError, classify_model, local_model
-from engine.workers import build_workers, lora_env, max_num_seqs, save_workers
+from engine.vllm_args import EngineArgsError, read_engine_args
+from engine.workers import build_workers, lora_env, save_workers
 from gateway.config import Config, ConfigError, resolve
+from gateway.control.google_args import host_kv_offload, translate
+from gateway.control.monitor import FATAL_FILE
+from gateway.control.nginx_config import UPSTREAM_FILE, render_nginx, write_upstream
 from gateway.engine_schema import SCHEMA_FILE
-from gateway.nginx_config import UPSTREAM_FILE, render_nginx, write_upstream
 from gateway.state import STATE_FILE
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def find_nginx(search_path: str | None = None) -> str:
@@ -64,21 +72,51 @@ def free_loopback_ports(count: int) -> list[int]:
             s.close()
 
 
+def available_memory() -> int:
+    """Bytes of host memory free for use (MemAvailable)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def read_engine_flags(config: Config) -> Config:
+    """The engine flags as vLLM's parser reads them, or the one line it refuses them with."""
+    try:
+        engine = read_engine_args(config.engine_args)
+    except EngineArgsError as e:
+        raise ConfigError(f"vLLM refuses the engine flags: {e}") from None
+    if engine.model_tag is not None:
+        raise ConfigError(
+            f"{engine.model_tag!r} is not a flag: give the model first "
+            "(vgate serve MODEL ...) or as --model"
+        )
+    return dataclasses.replace(config, engine=engine)
+
+
 def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, str]]:
     """Check everything, write the run dir; return it and supervisord's environment."""
     nginx = find_nginx()
+    check_port_free(config.host, config.port)
+    config = read_engine_flags(config)
     placements = placement.plan(
         config.device,
         placement.visible_gpus() if config.device != "cpu" else [],
         placement.usable_cpus(),
-        config.tensor_parallel_size,
+        config.engine.gpus_per_replica,
         config.replicas,
     )
-    check_port_free(config.host, config.port)
-    source = classify_model(config.model)
-    served_name = config.served_model_name or {"demo": DEMO_MODEL_NAME, "gcs": config.model}.get(
-        source.kind
+    offload, note = host_kv_offload(
+        config.host_kv_cache_fraction, available_memory(), len(placements), placements[0].device
     )
+    if note:
+        print(f"vgate: {note}", file=sys.stderr, flush=True)
+    config = dataclasses.replace(config, engine_args=config.engine_args + offload)
+    source = classify_model(config.model)
+    served_name = None
+    if config.engine.served_model_name is None:  # vgate's names where vLLM's would be a path
+        served_name = {"demo": DEMO_MODEL_NAME, "gcs": config.model}.get(source.kind)
     if source.kind == "gcs":
         # Fail now, in one line, if the prefix cannot be a model: before anything starts.
         list_objects(make_client(), source.reference or "", required=MODEL_CONFIG)
@@ -86,8 +124,12 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
 
     run_dir = Path(config.run_dir or tempfile.mkdtemp(prefix="vgate-"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (STATE_FILE, UPSTREAM_FILE, SCHEMA_FILE, JOB_FILE, PROGRESS_FILE, MODEL_READY):
-        (run_dir / stale).unlink(missing_ok=True)
+    stale = [STATE_FILE, UPSTREAM_FILE, SCHEMA_FILE, JOB_FILE, PROGRESS_FILE, MODEL_READY]
+    stale += [FATAL_FILE, DOWNLOAD_FAILED]
+    for path in [run_dir / name for name in stale] + [
+        exits_path(run_dir, p.replica) for p in placements
+    ]:
+        path.unlink(missing_ok=True)
     if source.kind == "gcs":
         job = {"uri": source.reference, "dest": model, "workers": config.download_workers}
         write_json(run_dir / JOB_FILE, job)
@@ -102,16 +144,16 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
         sys.executable,
         model,
         served_name,
-        config.tensor_parallel_size,
         config.engine_args,
         environ,
-        lora_env(config.engine_args, config.lora_cache_dir, config.lora_cache_bytes),
+        {
+            **lora_env(config.engine.enable_lora, config.lora_cache_dir, config.lora_cache_bytes),
+            **config.engine_env,
+        },
     )
     save_workers(workers, run_dir / "engines.json")
     if config.max_inflight is None:
-        per_engine = max_num_seqs(
-            config.engine_args, placements[0].device, config.tensor_parallel_size
-        )
+        per_engine = config.engine.sequences_per_engine(placements[0].device)
         config = dataclasses.replace(config, max_inflight=per_engine * len(workers))
     config.save(run_dir / "config.json")
     write_upstream(run_dir, workers, ready=set(), generation="start")
@@ -143,17 +185,47 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
     return run_dir, env
 
 
+def supervise(run_dir: Path, env: dict[str, str]) -> int:
+    """Run supervisord until it stops; exit 1 with the cause if the run could not serve.
+
+    Signals are passed on (SIGTERM drains and stops everything), and every child
+    that ends is reaped: in a container this process is PID 1, and orphans of
+    vLLM's processes come to it.
+    """
+    conf = str(REPO / "supervisord.conf")
+    argv = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", conf]
+    child = subprocess.Popen(argv, env=env)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, lambda received, _: child.send_signal(received))
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:  # already reaped
+            status = 0
+            break
+        if pid == child.pid:
+            break
+    child.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait for it again
+    try:
+        cause = json.loads((run_dir / FATAL_FILE).read_text())["cause"]
+    except (OSError, ValueError, KeyError):
+        return child.returncode
+    print(f"vgate: {cause}", file=sys.stderr, flush=True)
+    return 1
+
+
 def main(argv: list[str]) -> int:
     try:
-        config = resolve(argv, os.environ)
-        _, env = prepare(config, dict(os.environ))
+        try:
+            translated = translate(argv)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for note in translated.notes:
+            print(f"vgate: {note}", file=sys.stderr, flush=True)
+        config = resolve(translated.argv, os.environ)
+        config = dataclasses.replace(config, engine_env=translated.engine_env)
+        run_dir, env = prepare(config, dict(os.environ))
     except (ConfigError, placement.PlacementError, ModelSourceError, DownloadError) as e:
         print(f"vgate: {e}", file=sys.stderr)
         return 2
-    conf = str(REPO / "supervisord.conf")
-    # Become supervisord: it owns every process from here on, and SIGTERM/SIGINT
-    # to this pid stop them all.
-    os.execvpe(
-        sys.executable, [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", conf], env
-    )
-    return 0  # not reached
+    return supervise(run_dir, env)

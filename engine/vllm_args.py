@@ -1,0 +1,121 @@
+"""The engine flags, read once by vLLM's own argument parser: the one typed view vgate asks.
+
+vgate passes every flag it does not know to every engine. Reading them here,
+with the parser vLLM's server itself uses, means a typo or a removed flag stops
+`vgate serve` before anything starts (instead of crash-looping every engine),
+aliases such as `-tp` mean what they mean to vLLM, and nothing re-scans the raw
+list for a flag's value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NoReturn
+
+# vLLM 0.32's --max-num-seqs default for its OpenAI server: 128 per CPU worker,
+# 256 on most GPUs (1024 on GPUs of 70 GB and more: pass the flag to be exact).
+DEFAULT_MAX_NUM_SEQS = {"cpu": 128, "cuda": 256}
+
+
+class EngineArgsError(ValueError):
+    """vLLM refuses the engine flags; the message names the flag and vLLM's reason."""
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """What vgate needs to know of the engine flags (vLLM's parser read them)."""
+
+    model_tag: str | None = None  # `vgate serve MODEL`, as `vllm serve MODEL`
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    max_num_seqs: int | None = None  # None: vLLM's default for the device
+    enable_lora: bool = False
+    served_model_name: list[str] | None = None
+
+    @property
+    def gpus_per_replica(self) -> int:
+        """One replica is one tensor x pipeline parallel group on this machine."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def sequences_per_engine(self, device: str) -> int:
+        """Sequences one engine runs at once: the flag if given, else vLLM's default."""
+        if self.max_num_seqs is not None:
+            return self.max_num_seqs
+        per_worker = DEFAULT_MAX_NUM_SEQS[device]
+        return per_worker * self.gpus_per_replica if device == "cpu" else per_worker
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Nothing vLLM prints while it is imported here reaches our output.
+
+    What it says about this process's platform is not about the engines (they
+    say it again), and `vgate serve` refuses a bad flag in exactly one line.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def _parser() -> argparse.ArgumentParser:
+    # Imported here: vLLM takes seconds to import, and only `vgate serve` needs it.
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    class Refusing(FlexibleArgumentParser):
+        """vLLM's parser, raising its refusal instead of printing usage and exiting."""
+
+        def error(self, message: str) -> NoReturn:
+            raise EngineArgsError(_with_suggestion(self, message))
+
+    return make_arg_parser(Refusing(prog="vllm"))
+
+
+def _with_suggestion(parser: argparse.ArgumentParser, message: str) -> str:
+    prefix = "unrecognized arguments: "
+    if not message.startswith(prefix):
+        return message
+    known = list(parser._option_string_actions)  # argparse's table of the parser's flags
+    for arg in message.removeprefix(prefix).split():
+        close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1)
+        if arg.startswith("-") and close:
+            return f"{message} (did you mean {close[0]}?)"
+    return message
+
+
+def read_engine_args(argv: list[str]) -> EngineArgs:
+    """Parse and check the engine flags as vLLM's server would, before any engine starts."""
+    with _quiet():  # a refusal is raised, and reported, once our output is back
+        from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+
+        args = _parser().parse_args(argv)
+        try:
+            validate_parsed_serve_args(args)
+        except (TypeError, ValueError) as e:
+            raise EngineArgsError(str(e).removeprefix("Error: ")) from None
+    served = args.served_model_name
+    return EngineArgs(
+        model_tag=args.model_tag,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        max_num_seqs=args.max_num_seqs,
+        enable_lora=bool(args.enable_lora),
+        served_model_name=[served] if isinstance(served, str) else served,
+    )

@@ -1,0 +1,1 @@
+"""Process control: the `vgate` command, checks before start, supervisord, the monitor, nginx."""
