@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def wait_for_model(run_dir: Path, deadline_s: float = MODEL_WAIT_S) -> None:
 
 # vLLM's last lines kept for the exit record: a traceback's last line is among them.
 TAIL_LINES = 60
+# After the server exits, how long its last lines may take to come through the pipe.
+RELAY_DRAIN_S = 2.0
 
 
 def exits_path(run_dir: Path, replica: int) -> Path:
@@ -87,8 +90,12 @@ def main(argv: list[str]) -> None:
     out = subprocess.PIPE
     server = subprocess.Popen(worker.argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-    relay(server.stdout, tail)
+    # In a thread: vLLM's engine core inherits the pipe and may outlive the server (an OOM
+    # kill of the server alone), so the pipe's end does not tell that the server exited.
+    relaying = threading.Thread(target=relay, args=(server.stdout, tail), daemon=True)
+    relaying.start()
     code = server.wait()
+    relaying.join(timeout=RELAY_DRAIN_S)  # what it printed last is the cause
     failure = classify(list(tail), code)
     record_exit(run_dir, replica, failure)
     print(

@@ -1,0 +1,92 @@
+"""Starting as users do: the model given first; runs that cannot serve end with their cause.
+
+Each starts its own `vgate serve` (one replica of the demo model) beside the shared stack.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.demo_model import MAX_POSITIONS, ensure_demo_model
+from tests.e2e.conftest import MODEL_URI
+from tests.gcs_emulator import FaultyFront
+from tests.helpers import free_port, http_json, spawn, stop_tree, wait_for
+
+pytestmark = pytest.mark.e2e
+
+SERVE = [sys.executable, "-m", "gateway.control.cli", "serve"]
+# A run that cannot serve ends long before Vertex's 2 h deployment timeout: three failed
+# starts of a demo-model engine take about a minute here; this bounds it, not sizes it.
+END_DEADLINE_S = 600
+
+
+def _vgate(argv: list[str], tmp_path: Path, env: dict[str, str] | None = None):
+    port = free_port()
+    log = tmp_path / "serve.log"
+    argv = [*SERVE, *argv, "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--run-dir", str(tmp_path / "run"), "--replicas", "1", "--gateway-workers", "1"]
+    return spawn(argv, log, {**os.environ, **(env or {})}), f"http://127.0.0.1:{port}", log
+
+
+def _ends(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
+    """The exit code and the last line of a run that must end by itself."""
+    try:
+        code = proc.wait(timeout=END_DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        stop_tree(proc)
+        raise AssertionError(f"still running after {END_DEADLINE_S} s") from None
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return code, lines[-1]
+
+
+def test_the_model_given_first_is_served(tmp_path: Path) -> None:
+    model = ensure_demo_model()
+    proc, base, log = _vgate([str(model), "--max-model-len", "256"], tmp_path)
+    try:
+        wait_for(
+            lambda: proc.poll() is None and http_json(base + "/ping", timeout=5)[0] == 200,
+            600,
+            f"vgate serve {model} to be ready\n{log.read_text(errors='replace')[-2000:]}",
+        )
+        status, _, models = http_json(base + "/v1/models")
+        assert status == 200 and [m["id"] for m in models["data"]] == [str(model)]
+        status, _, out = http_json(
+            base + "/v1/completions", {"prompt": "hi", "max_tokens": 3, "ignore_eos": True}
+        )
+        assert status == 200 and out["usage"]["completion_tokens"] == 3
+    finally:
+        stop_tree(proc)
+
+
+def test_an_engine_that_cannot_start_ends_the_run_with_its_cause(tmp_path: Path) -> None:
+    too_long = MAX_POSITIONS * 2
+    proc, _, log = _vgate([str(ensure_demo_model()), f"--max-model-len={too_long}"], tmp_path)
+    code, last = _ends(proc, log)
+    assert code == 1, last
+    assert last.startswith("vgate: no engine replica can start: "), last
+    assert f"max_model_len ({too_long})" in last and "lower --max-model-len" in last, last
+    text = log.read_text(errors="replace")
+    assert "replica 0 (cpu:0) cannot start" in text
+    assert text.count("vgate: engine replica 0 exited") == 3  # stopped, not restarted again
+
+
+def test_a_download_that_fails_for_good_ends_the_run_with_its_cause(
+    tmp_path: Path, storage: str
+) -> None:
+    prefix = MODEL_URI.removeprefix("gs://").split("/", 1)[1]
+    bad = f"{prefix}/model.safetensors"
+    with FaultyFront(storage, corrupt_objects={bad}).running() as front:
+        env = {"AIP_STORAGE_URI": MODEL_URI, "STORAGE_EMULATOR_HOST": front.url}
+        argv = ["--download-dir", str(tmp_path / "models")]
+        proc, _, log = _vgate(argv, tmp_path, env)
+        code, last = _ends(proc, log)
+    assert code == 1, last
+    assert last == (
+        "vgate: no engine replica can start: the model download failed: "
+        f"{MODEL_URI}/model.safetensors: checksum mismatch 3 times"
+    ), last
