@@ -185,8 +185,13 @@ def _size(path: Path) -> int:
 
 
 def cache_from_env(loaded: Callable[[], set[str]] = set) -> AdapterCache | None:
-    """The cache `vgate serve` configured for the engines (VGATE_LORA_CACHE_*), if any."""
-    root = os.environ.get("VGATE_LORA_CACHE_DIR")
+    """The cache `vgate serve` configured for the engines, if any.
+
+    Its own names (VGATE_ENGINE_LORA_CACHE_*), set only in the engines' environment:
+    vLLM also loads this plugin in `vgate serve` itself, when its parser reads the
+    engine flags, where the user's VGATE_LORA_CACHE_* settings may be set.
+    """
+    root = os.environ.get("VGATE_ENGINE_LORA_CACHE_DIR")
     if not root:
         return None
-    return AdapterCache(Path(root), int(os.environ["VGATE_LORA_CACHE_BYTES"]), loaded)
+    return AdapterCache(Path(root), int(os.environ["VGATE_ENGINE_LORA_CACHE_BYTES"]), loaded)

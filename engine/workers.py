@@ -48,6 +48,9 @@ def engine_argv(
     """
     argv = [python, "-m", VLLM_SERVER_MODULE, "--model", model]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
+    # The tokens-in endpoint, for predict's raw prompts with images (nginx keeps the
+    # endpoints this adds off the front door).
+    argv += ["--enable-scale-out"]
     if served_model_name:
         argv += ["--served-model-name", served_model_name]
     return argv + passthrough
@@ -59,8 +62,8 @@ def lora_env(enabled: bool, cache_dir: str, cache_bytes: int) -> dict[str, str]:
         return {}
     return {
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
-        "VGATE_LORA_CACHE_DIR": cache_dir,
-        "VGATE_LORA_CACHE_BYTES": str(cache_bytes),
+        "VGATE_ENGINE_LORA_CACHE_DIR": cache_dir,
+        "VGATE_ENGINE_LORA_CACHE_BYTES": str(cache_bytes),
     }
 
 

@@ -72,7 +72,13 @@ class MediaReader:
 
 
 def _media_refs(request: dict[str, Any]) -> list[dict[str, Any]]:
-    """The {"url": ...} objects of every image, audio and video part of a chat request."""
+    """The {"url": ...} objects of every image, audio and video part.
+
+    Of a chat request's messages, or of a tokens-in request's content parts.
+    """
+    parts = request.get("content_parts")
+    if isinstance(parts, list):
+        return [part for part in parts if isinstance(part, dict)]
     messages = request.get("messages")
     return [
         part[part["type"]]

@@ -1,8 +1,13 @@
 """A predict request, parsed and checked whole before any generation starts.
 
 Each instance becomes one engine request: a text-generation instance a
-completion (or, with `multi_modal_data`, a chat request with the images), a
-chat instance (`"@requestFormat": "chatCompletions"`) the chat request it is.
+completion, a chat instance (`"@requestFormat": "chatCompletions"`) the chat
+request it is. A text instance with `multi_modal_data` goes to vLLM's
+tokens-in endpoint with its media: the engine sees the prompt exactly as
+written (tokenized as a completion's would be) plus the images, with no chat
+template around it, as Google's container does. (A request-level chat
+template would do it too, but only with --trust-request-chat-template, which
+would let every OpenAI client send templates.)
 `parameters` gives defaults; an instance's own fields win. Every problem is a
 400 that names the instance and the field. Pure: no I/O, tested without servers.
 """
@@ -22,6 +27,8 @@ from gateway.predict.validation import CHAT, COMPLETION, RequestSchemas
 CHAT_FORMAT = "chatCompletions"
 COMPLETIONS_ROUTE = "/v1/completions"
 CHAT_ROUTE = "/v1/chat/completions"
+GENERATE_ROUTE = "/inference/v1/generate"  # tokens in, text out (vLLM's --enable-scale-out)
+TOKENIZE_ROUTE = "/tokenize"
 # Stream formats: server-sent events, or the NUL-separated JSON chunks of
 # Google's older images.
 STREAM_FORMATS = ("sse", "nul")
@@ -184,13 +191,18 @@ def _parse_instance(
         _check(schemas, COMPLETION, request, name)
         return Instance(False, COMPLETIONS_ROUTE, request, prompt, raw_response, **streaming)
     parts = _media_parts(media, name("multi_modal_data"))
-    request = {**fields, "messages": [{"role": "user", "content": [*parts, _text(prompt)]}]}
-    only_completion = schemas.properties(COMPLETION) - schemas.properties(CHAT)
+    _check(schemas, COMPLETION, {**fields, "prompt": prompt}, name)
+    model = fields.pop("model") or None  # None: the engine's own model
     for key in fields:
-        if key in only_completion:
-            raise _bad(f"{name(key)}: not available with multi_modal_data (sent as a chat request)")
-    _check(schemas, CHAT, request, name)
-    return Instance(False, CHAT_ROUTE, request, prompt, raw_response, **streaming)
+        if key not in schemas.sampling_fields:
+            raise _bad(f"{name(key)}: not available with multi_modal_data")
+    request = {
+        "model": model,
+        "sampling_params": fields,
+        "content_parts": parts,
+        "output_mode": "text",
+    }
+    return Instance(False, GENERATE_ROUTE, request, prompt, raw_response, **streaming)
 
 
 def _adapter(lora: Any, where: str, enabled: bool) -> str:
@@ -207,12 +219,8 @@ def _adapter(lora: Any, where: str, enabled: bool) -> str:
     return lora
 
 
-def _text(prompt: str) -> dict[str, Any]:
-    return {"type": "text", "text": prompt}
-
-
 def _media_parts(media: Any, where: str) -> list[dict[str, Any]]:
-    """`{"image": url or [urls]}` as chat content parts, in the order given."""
+    """`{"image": url or [urls]}` as the tokens-in endpoint's content parts, in order."""
     if not isinstance(media, dict) or not media:
         raise _bad(f'{where}: must be an object such as {{"image": "<url>"}}')
     parts = []
@@ -223,7 +231,7 @@ def _media_parts(media: Any, where: str) -> list[dict[str, Any]]:
         for url in urls if isinstance(urls, list) else [urls]:
             if not isinstance(url, str) or not url:
                 raise _bad(f"{where}.{key}: must be a URL or a list of URLs")
-            parts.append({"type": part, part: {"url": url}})
+            parts.append({"type": part, "url": url})
     return parts
 
 

@@ -19,7 +19,7 @@ import orjson
 from gateway.engine_client import call_json, open_stream
 from gateway.errors import ApiError
 from gateway.metrics import UPSTREAM_ERRORS
-from gateway.predict.protocol import Instance
+from gateway.predict.protocol import GENERATE_ROUTE, TOKENIZE_ROUTE, Instance
 from gateway.predict.responses import (
     done_event,
     event,
@@ -52,6 +52,30 @@ class Deadline:
             raise ApiError(504, f"the request did not finish within {self.seconds:g} s") from None
 
 
+async def engine_request(
+    session: aiohttp.ClientSession, instance: Instance, where: str, request_id: str | None
+) -> dict[str, Any]:
+    """The instance's request as the engine takes it.
+
+    The tokens-in endpoint takes token ids: the prompt is tokenized by the
+    engine, as a completion's prompt would be, so the engine sees it exactly.
+    """
+    if instance.route != GENERATE_ROUTE:
+        return instance.request
+    # The base model's tokenizer: an adapter named in "model" has the same one.
+    tokens = await call_json(
+        session, TOKENIZE_ROUTE, {"prompt": instance.prompt}, where, request_id
+    )
+    return {**instance.request, "token_ids": tokens["tokens"]}
+
+
+async def _answer(
+    session: aiohttp.ClientSession, instance: Instance, where: str, request_id: str | None
+) -> Any:
+    request = await engine_request(session, instance, where, request_id)
+    return await call_json(session, instance.route, request, where, request_id)
+
+
 async def predict(
     session: aiohttp.ClientSession,
     instances: list[Instance],
@@ -61,9 +85,7 @@ async def predict(
     try:
         async with deadline.bound(), asyncio.TaskGroup() as group:
             tasks = [
-                group.create_task(
-                    call_json(session, inst.route, inst.request, f"instances[{i}]", request_id)
-                )
+                group.create_task(_answer(session, inst, f"instances[{i}]", request_id))
                 for i, inst in enumerate(instances)
             ]
     except ExceptionGroup as group_error:
@@ -83,7 +105,8 @@ async def stream(
     they are; a text instance's become `{"predictions": ["<delta>"]}` events.
     """
     stream_format = instance.stream_format
-    request = {**instance.request, "stream": True}
+    request = await engine_request(session, instance, "instances[0]", request_id)
+    request = {**request, "stream": True}
     async with open_stream(session, instance.route, request, "instances[0]", request_id) as body:
         if instance.chat:
             async for chunk in body.iter_any():

@@ -19,6 +19,7 @@ from jsonschema.exceptions import ValidationError
 # The two engine requests a predict instance becomes.
 COMPLETION = "CompletionRequest"
 CHAT = "ChatCompletionRequest"
+GENERATE = "GenerateRequest"  # vLLM's tokens-in endpoint (engines run with --enable-scale-out)
 
 
 def _is_int(v: Any) -> bool:
@@ -69,6 +70,8 @@ class RequestSchemas:
             # Closed to unknown fields; refs resolve against the document's components.
             schema = {**components["schemas"][name], "additionalProperties": False}
             self._validators[name] = Draft202012Validator({**schema, "components": components})
+        generate = components["schemas"].get(GENERATE, {}).get("properties", {})
+        self.sampling_fields = frozenset(generate.get("sampling_params", {}).get("properties", {}))
 
     def properties(self, name: str) -> set[str]:
         return set(self._validators[name].schema["properties"])

@@ -13,9 +13,14 @@ def schemas() -> RequestSchemas:
     """What the gateway reads from an engine's /openapi.json, without starting one."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateRequest
 
     _, document = models_json_schema(
-        [(CompletionRequest, "validation"), (ChatCompletionRequest, "validation")],
+        [
+            (CompletionRequest, "validation"),
+            (ChatCompletionRequest, "validation"),
+            (GenerateRequest, "validation"),
+        ],
         ref_template="#/components/schemas/{model}",
     )
     return RequestSchemas({"components": {"schemas": document["$defs"]}})

@@ -11,6 +11,7 @@ from gateway.errors import ApiError
 from gateway.predict.protocol import (
     CHAT_ROUTE,
     COMPLETIONS_ROUTE,
+    GENERATE_ROUTE,
     Instance,
     parse_envelope,
     parse_instances,
@@ -173,26 +174,33 @@ def test_dynamic_lora_names_the_model(schemas: RequestSchemas) -> None:
     assert inst.request["model"] == "sql"
 
 
-def test_multi_modal_data_goes_as_one_user_message(schemas: RequestSchemas) -> None:
+def test_multi_modal_data_goes_with_the_raw_prompt_to_the_tokens_in_endpoint(
+    schemas: RequestSchemas,
+) -> None:
     media = {"image": ["https://a/1.png", "data:image/png;base64,AA"], "audio": "https://a/x.wav"}
-    body = {"instances": [{"prompt": "what?", "multi_modal_data": media, "max_tokens": 5}]}
-    (inst,) = _parse(schemas, body)
-    assert not inst.chat and inst.route == CHAT_ROUTE and inst.prompt == "what?"
-    assert inst.request == {
-        "model": "",
-        "max_tokens": 5,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": "https://a/1.png"}},
-                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}},
-                    {"type": "audio_url", "audio_url": {"url": "https://a/x.wav"}},
-                    {"type": "text", "text": "what?"},
-                ],
-            }
+    prompt = "<|begin_of_text|><|image|>This is a picture of"
+    instance = {"prompt": prompt, "multi_modal_data": media, "max_tokens": 5, "seed": 1}
+    (inst,) = _parse(schemas, {"instances": [instance]})
+    assert not inst.chat and inst.route == GENERATE_ROUTE and inst.prompt == prompt
+    assert inst.request == {  # no chat template: the prompt is tokenized as written
+        "model": None,
+        "sampling_params": {"max_tokens": 5, "seed": 1},
+        "content_parts": [
+            {"type": "image_url", "url": "https://a/1.png"},
+            {"type": "image_url", "url": "data:image/png;base64,AA"},
+            {"type": "audio_url", "url": "https://a/x.wav"},
         ],
+        "output_mode": "text",
     }
+
+
+def test_fields_of_a_completion_only_are_refused_with_multi_modal_data(
+    schemas: RequestSchemas,
+) -> None:
+    instance = {"prompt": "a", "multi_modal_data": {"image": "https://a/1.png"}, "echo": True}
+    assert _error(schemas, {"instances": [instance]}) == (
+        "instances[0].echo: not available with multi_modal_data"
+    )
 
 
 def test_streaming_and_its_format(schemas: RequestSchemas) -> None:

@@ -19,6 +19,7 @@ def test_cpu_workers_get_own_cores_port_and_bounded_kv_cache(tmp_path) -> None:
         "127.0.0.1",
         "--port",
         "8001",
+        "--enable-scale-out",
         "--served-model-name",
         "demo",
         "--max-model-len",
