@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -212,21 +213,26 @@ def default_cache_dir() -> Path:
 
 
 def ensure_demo_model(cache_dir: Path | None = None) -> Path:
-    """Return the cached model, building it once.
+    """Return the cached model, building it once."""
+    return ensure_built(f"demo-model-v{DEMO_MODEL_VERSION}", write_demo_model, cache_dir)
+
+
+def ensure_built(name: str, write: Callable[[Path], Path], cache_dir: Path | None) -> Path:
+    """The model directory `name` in the cache, written by `write` the first time.
 
     The build goes to a temporary sibling that is renamed into place, so a crash never leaves
     half a model and concurrent builders are safe: whoever renames last finds the target taken,
     discards its copy and uses the winner's (the bytes are identical anyway).
     """
     root = cache_dir if cache_dir is not None else default_cache_dir()
-    target = root / f"demo-model-v{DEMO_MODEL_VERSION}"
+    target = root / name
     if target.is_dir():
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it 0700
-        write_demo_model(tmp)
+        write(tmp)
         try:
             os.rename(tmp, target)
         except OSError:

@@ -14,9 +14,6 @@ is noise; every build is byte-identical on any machine.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +26,7 @@ from engine.demo_model import (
     _json_bytes,
     _random,
     _tokenizer_json,
-    default_cache_dir,
+    ensure_built,
 )
 
 if TYPE_CHECKING:  # torch is imported lazily: importing this module should stay cheap
@@ -252,21 +249,6 @@ def write_demo_vision_model(target: Path) -> Path:
 
 
 def ensure_demo_vision_model(cache_dir: Path | None = None) -> Path:
-    """Return the cached model, building it once (atomically, as `ensure_demo_model` does)."""
-    root = cache_dir if cache_dir is not None else default_cache_dir()
-    target = root / f"demo-vision-v{DEMO_VISION_MODEL_VERSION}"
-    if target.is_dir():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
-        write_demo_vision_model(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # a concurrent builder won; its bytes are the same
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """Return the cached model, building it once (as the text demo is built)."""
+    name = f"demo-vision-v{DEMO_VISION_MODEL_VERSION}"
+    return ensure_built(name, write_demo_vision_model, cache_dir)

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 # "torch.OutOfMemoryError: ...", or a log record at ERROR level.
 _EXCEPTION = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit)\b:? ?.*")
 _ERROR_RECORD = re.compile(r"\bERROR\b")
+# pydantic's "1 validation error for ModelConfig" says why on the line after it.
+_PYDANTIC = re.compile(r"validation errors? for \w+$")
+MAX_CAUSE = 400  # characters: one readable log line
 _NOISE = re.compile(r"^\s*(?:\^+|~+|File \"|During handling|The above exception|Traceback)")
 
 HINTS: list[tuple[re.Pattern[str], str]] = [
@@ -54,9 +57,12 @@ def cause_line(lines: Sequence[str]) -> str:
     """The line that says why: the last exception, else the last ERROR record, else the last."""
     text = [line.strip() for line in lines if line.strip() and not _NOISE.match(line)]
     for pattern in (_EXCEPTION, _ERROR_RECORD):
-        for line in reversed(text):
+        for i in range(len(text) - 1, -1, -1):
+            line = text[i]
             if pattern.search(line) if pattern is _ERROR_RECORD else pattern.match(line):
-                return line
+                if _PYDANTIC.search(line) and i + 1 < len(text):  # the reason is on the next line
+                    line = f"{line}: {text[i + 1]}"
+                return line[:MAX_CAUSE] + ("…" if len(line) > MAX_CAUSE else "")
     return text[-1] if text else "it printed nothing"
 
 

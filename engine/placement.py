@@ -92,13 +92,14 @@ def _plan_gpus(gpus: list[int], tp: int, replicas: int | None) -> list[Placement
         raise PlacementError("--device cuda, but no GPU is visible")
     if len(gpus) % tp:
         raise PlacementError(
-            f"--tensor-parallel-size {tp} does not divide the {len(gpus)} visible GPUs"
+            f"{tp} GPUs per replica (tensor x pipeline parallel size) do not divide "
+            f"the {len(gpus)} visible GPUs"
         )
     groups = len(gpus) // tp
     count = groups if replicas is None else replicas
     if count > groups:
         raise PlacementError(
-            f"--replicas {count} needs {count * tp} GPUs with tensor-parallel size {tp}, "
+            f"--replicas {count} needs {count * tp} GPUs with {tp} per replica, "
             f"but {len(gpus)} are visible"
         )
     return [
@@ -111,7 +112,10 @@ def _plan_cpus(cpus: list[int], tp: int, replicas: int | None) -> list[Placement
     if not cpus:
         raise PlacementError("no CPU core is available to this process")
     if tp != 1:
-        raise PlacementError("--tensor-parallel-size above 1 needs --device cuda")
+        raise PlacementError(
+            "tensor or pipeline parallelism (--tensor-parallel-size, --pipeline-parallel-size) "
+            "needs --device cuda"
+        )
     count = DEFAULT_CPU_REPLICAS if replicas is None else replicas
     if count <= len(cpus):
         size, extra = divmod(len(cpus), count)

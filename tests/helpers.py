@@ -88,7 +88,9 @@ def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subp
     (autogroup), and a stack's spinning CPU engines in another session left the
     test process unscheduled for seconds at a time, so streams looked buffered.
     """
-    with log.open("wb") as out:
+    # Appending: the process and the processes it starts (supervisord opens /dev/stdout
+    # anew) write to the log through different file descriptions.
+    with log.open("ab") as out:
         return subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, process_group=0, env=env
         )

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("dir", type=Path, metavar="DIR")
+    demo.add_argument(
+        "--vision",
+        action="store_true",
+        help="a vision-language model (a tiny BLIP-2) that takes images, instead of the text one",
+    )
     download = commands.add_parser(
         "download",
         help="mirror a Cloud Storage prefix into DIR, verified (what serve does; "
@@ -63,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(args)
     if ns.command == "demo-model":
         from engine.demo_model import write_demo_model
+        from engine.demo_vision import write_demo_vision_model
 
-        print(write_demo_model(ns.dir))
+        print((write_demo_vision_model if ns.vision else write_demo_model)(ns.dir))
         return 0
     if ns.command == "download":
         return download(ns)

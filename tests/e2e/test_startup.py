@@ -71,8 +71,10 @@ def test_an_engine_that_cannot_start_ends_the_run_with_its_cause(tmp_path: Path)
     assert last.startswith("vgate: no engine replica can start: "), last
     assert f"max_model_len ({too_long})" in last and "lower --max-model-len" in last, last
     text = log.read_text(errors="replace")
-    assert "replica 0 (cpu:0) cannot start" in text
-    assert text.count("vgate: engine replica 0 exited") == 3  # stopped, not restarted again
+    assert "replica 0 (cpu:0-1) cannot start: " in text  # one replica: both cores
+    # Failed after its third failed start, then stopped rather than restarted for ever
+    # (a fourth start may already be under way when the monitor stops it).
+    assert 3 <= text.count("vgate: engine replica 0 exited") <= 4
 
 
 def test_a_download_that_fails_for_good_ends_the_run_with_its_cause(

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,11 +52,41 @@ def test_busy_port() -> None:
         (
             ["--device", "cuda", "--tensor-parallel-size", "2"],
             {"CUDA_VISIBLE_DEVICES": "0,1,2"},
-            "vgate: --tensor-parallel-size 2 does not divide the 3 visible GPUs",
+            "vgate: 2 GPUs per replica (tensor x pipeline parallel size) do not divide the 3",
         ),
         (["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": ""}, "vgate: --device cuda, but no GPU"),
         (["--port", "x"], {}, "vgate: --port: invalid value 'x'"),
         ([], {"AIP_HTTP_PORT": "0"}, "vgate: AIP_HTTP_PORT: invalid value '0'"),
+        # Engine flags, read by vLLM's own parser before anything starts.
+        (
+            ["--max-num-seqz=8"],
+            {},
+            "vgate: vLLM refuses the engine flags: unrecognized arguments: --max-num-seqz=8 "
+            "(did you mean --max-num-seqs?)",
+        ),
+        (
+            ["--max-num-seqs", "many"],
+            {},
+            "vgate: vLLM refuses the engine flags: argument --max-num-seqs: invalid int value",
+        ),
+        (
+            ["--device", "cpu", "-tp", "2"],
+            {},
+            "vgate: tensor or pipeline parallelism (--tensor-parallel-size, "
+            "--pipeline-parallel-size) needs --device cuda",
+        ),
+        (
+            ["--device", "cuda", "-tp=2", "-pp=2"],
+            {"CUDA_VISIBLE_DEVICES": "0,1"},
+            "vgate: 4 GPUs per replica (tensor x pipeline parallel size) do not divide the 2",
+        ),
+        (["--enforce-eager", "org/m"], {}, "vgate: 'org/m' is not a flag: give the model first"),
+        (["org/m", "--model", "org/n"], {}, "vgate: the model is given twice"),
+        (
+            ["--model-replicas=4,2"],
+            {},
+            "vgate: --model-replicas: '4,2': vgate serves one model per container",
+        ),
     ],
 )
 def test_bad_configuration_is_one_line(args: list[str], env: dict[str, str], says: str) -> None:
@@ -66,20 +97,45 @@ def test_bad_configuration_is_one_line(args: list[str], env: dict[str, str], say
     assert result.stderr.startswith(says), result.stderr
 
 
+def test_help_and_version() -> None:
+    def vgate(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway.control.cli", *args],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    top = vgate("--help")
+    assert top.returncode == 0 and "serve" in top.stdout and "demo-model" in top.stdout
+    assert vgate("--version").stdout.startswith("vgate ")
+    serve = vgate("serve", "--help")
+    assert serve.returncode == 0
+    for shown in ("(default: 8080)", "{auto,cpu,cuda}", "engines:", "engine flags:", "--help=all"):
+        assert shown in serve.stdout, shown
+    demo = vgate("demo-model", "--help")
+    assert demo.returncode == 0 and "usage: vgate demo-model" in demo.stdout
+    assert not Path("--help").exists()
+    nothing = vgate()
+    assert nothing.returncode == 2 and "usage: vgate" in nothing.stderr
+
+
 def test_nginx_not_installed() -> None:
     with pytest.raises(ConfigError, match="nginx is not installed"):
         find_nginx(search_path="/nonexistent")
 
 
-def test_demo_model_command_writes_a_model(tmp_path) -> None:
+@pytest.mark.parametrize(("flags", "architecture"), [([], "Llama"), (["--vision"], "Blip2")])
+def test_demo_model_command_writes_a_model(
+    tmp_path: Path, flags: list[str], architecture: str
+) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.control.cli", "demo-model", str(tmp_path / "m")],
+        [sys.executable, "-m", "gateway.control.cli", "demo-model", *flags, str(tmp_path / "m")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
         p.name for p in (tmp_path / "m").iterdir()
     }
+    assert architecture in (tmp_path / "m" / "config.json").read_text()
 
 
 def test_a_gcs_model_that_is_not_there_stops_serve_before_anything_starts(tmp_path) -> None:

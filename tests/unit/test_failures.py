@@ -81,3 +81,18 @@ def test_a_crash_after_ready_is_not_a_failed_start() -> None:
 
 def test_a_restarted_monitor_does_not_count_old_exits() -> None:
     assert StartWatch(limit=1).update(0, [BAD, BAD], ready=False) is None
+
+
+def test_a_pydantic_error_brings_its_reason() -> None:
+    lines = [
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig",
+        "  Value error, User-specified max_model_len (4096) is greater than the derived "
+        "max_model_len (max_position_embeddings=2048.0) [type=value_error, input_value=...]",
+        "    For further information visit https://errors.pydantic.dev/2.14/v/value_error",
+    ]
+    failure = classify(lines)
+    assert failure.cause.startswith(
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig: "
+        "Value error, User-specified max_model_len (4096)"
+    )
+    assert failure.hint and "--max-model-len" in failure.hint

@@ -43,7 +43,7 @@ def test_respects_visible_gpu_ids() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("cuda", [0, 1, 2], [0], 2, None), "does not divide the 3 visible GPUs"),
+        (("cuda", [0, 1, 2], [0], 2, None), "do not divide the 3 visible GPUs"),
         (("cuda", [], [0], 1, None), "no GPU is visible"),
         (("cuda", [0, 1], [0], 1, 3), "needs 3 GPUs"),
         (("tpu", [], [0], 1, None), "unknown device 'tpu'"),

@@ -1,0 +1,122 @@
+"""Images on the real stack, with a real vision-language model (the tiny demo BLIP-2).
+
+A raw text instance with `multi_modal_data` must reach the engine as Google's container sends
+it: the prompt exactly as written plus the image, no chat template around it. The engine's own
+prompt-token counter shows what it got: the raw prompt's tokens plus the image's.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import sys
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from engine.demo_vision import NUM_QUERY_TOKENS, ensure_demo_vision_model
+from tests.e2e.conftest import Stack
+from tests.gcs_emulator import client
+from tests.helpers import free_port, spawn, stop_tree, wait_for
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = "This is a picture of"
+IMAGE_URI = "gs://vertex-models/media/square.png"
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(out, format="PNG")
+    return out.getvalue()
+
+
+DATA_URL = "data:image/png;base64," + base64.b64encode(_png()).decode()
+
+
+@pytest.fixture(scope="module")
+def vision(storage: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """`vgate serve` of the demo vision model, one replica; gs:// media from the emulator."""
+    bucket = client(storage).lookup_bucket("vertex-models")
+    bucket.blob(IMAGE_URI.split("/", 3)[3]).upload_from_string(_png(), content_type="image/png")
+    work = tmp_path_factory.mktemp("vision")
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "gateway.control.cli", "serve", str(ensure_demo_vision_model()),
+        "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(work / "run"),
+        "--replicas", "1", "--gateway-workers", "1", "--max-model-len", "512",
+    ]  # fmt: skip
+    log = work / "stack.log"
+    proc = spawn(argv, log, {**os.environ, "STORAGE_EMULATOR_HOST": storage})
+    stack = Stack(proc, f"http://127.0.0.1:{port}", work / "run", log)
+
+    def ready() -> bool:
+        assert proc.poll() is None, stack.log_tail()
+        return stack.request("/ping", timeout=5)[0] == 200
+
+    try:
+        wait_for(ready, 600, "the vision stack to be ready")
+        yield stack
+    finally:
+        stop_tree(proc)
+
+
+def _prompt_tokens(stack: Stack, body: dict) -> tuple[int, object]:
+    """(prompt tokens the engine took for the request, its answer)."""
+    before = stack.total("vllm:prompt_tokens_total")
+    status, answer = stack.request("/predict", body)
+    assert status == 200, answer
+    return int(stack.total("vllm:prompt_tokens_total") - before), answer
+
+
+@pytest.mark.parametrize("image", [DATA_URL, IMAGE_URI])
+def test_a_raw_prompt_reaches_the_engine_as_written_plus_the_image(
+    vision: Stack, image: str
+) -> None:
+    status, tokens = vision.request("/tokenize", {"prompt": PROMPT})
+    assert status == 200
+    instance = {"prompt": PROMPT, "multi_modal_data": {"image": image}, "max_tokens": 3}
+    took, answer = _prompt_tokens(vision, {"instances": [instance]})
+    assert took == tokens["count"] + NUM_QUERY_TOKENS  # no template, nothing but the image
+    assert answer["predictions"][0].startswith(f"Prompt:\n{PROMPT}\nOutput:\n")
+
+
+def test_chat_image_parts_reach_the_engine(vision: Stack) -> None:
+    def chat(*parts: dict) -> dict:
+        content = [*parts, {"type": "text", "text": "What is this?"}]
+        message = {"role": "user", "content": content}
+        return {"@requestFormat": "chatCompletions", "messages": [message], "max_tokens": 2}
+
+    _, plain = _prompt_tokens(vision, {"instances": [chat()]})
+    for url in (DATA_URL, IMAGE_URI):
+        part = {"type": "image_url", "image_url": {"url": url}}
+        _, with_image = _prompt_tokens(vision, {"instances": [chat(part)]})
+        prompt_tokens = with_image["predictions"]["usage"]["prompt_tokens"]
+        assert prompt_tokens == plain["predictions"]["usage"]["prompt_tokens"] + NUM_QUERY_TOKENS
+
+
+def test_a_raw_prompt_with_an_image_streams(vision: Stack) -> None:
+    instance = {
+        "prompt": PROMPT,
+        "multi_modal_data": {"image": DATA_URL},
+        "max_tokens": 8,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    resp = vision.send("/predict", {"instances": [instance]}).getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type", "").startswith("text/event")
+    events = [e for e in resp.read().split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    deltas = [orjson.loads(e.removeprefix(b"data: "))["predictions"][0] for e in events[:-1]]
+    assert deltas[0] == f"Prompt:\n{PROMPT}\nOutput:\n" and len(deltas) > 2
+
+
+def test_more_images_than_the_model_takes_is_a_clear_400(vision: Stack) -> None:
+    instance = {"prompt": PROMPT, "multi_modal_data": {"image": [DATA_URL, DATA_URL]}}
+    status, answer = vision.request("/predict", {"instances": [instance]})
+    assert status == 400, answer
+    assert answer["error"]["message"].startswith("instances[0]: At most 1 image(s)")
