@@ -35,11 +35,11 @@ MACHINE: Key = (-1, 0.0)  # busy CPU seconds of the whole machine, all cores
 
 
 def _role(p: psutil.Process, api_pids: set[int], root: int) -> str:
-    if p.pid == root:
-        return "supervisord"
     if p.pid == os.getpid():
         return "loadgen"
     cmd = " ".join(p.cmdline())
+    if p.pid == root or "supervisor.supervisord" in cmd:  # vgate serve, and its supervisord
+        return "supervisord"
     if API_SERVER in cmd:
         return "api server"
     if any(parent.pid in api_pids for parent in p.parents()):

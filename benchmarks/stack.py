@@ -17,7 +17,7 @@ STARTUP_DEADLINE_S = 600
 
 @dataclass(frozen=True)
 class Stack:
-    proc: subprocess.Popen  # supervisord (vgate serve execs it)
+    proc: subprocess.Popen  # vgate serve (it runs supervisord)
     port: int
     run_dir: Path
     log: Path

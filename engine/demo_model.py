@@ -182,24 +182,35 @@ def _config() -> dict[str, Any]:
 
 def write_demo_model(target: Path) -> Path:
     """Write the model directory into `target` (created if missing) and return it."""
-    from safetensors.torch import save_file
+    files = model_files(_config(), _tokenizer_json(), CHAT_TEMPLATE)
+    return write_model(target, files, _weights())
 
-    target.mkdir(parents=True, exist_ok=True)
+
+def model_files(
+    config: dict[str, Any], tokenizer_json: str, chat_template: str, **tokenizer_extra: Any
+) -> dict[str, bytes]:
+    """A demo model directory's files but its weights: config, generation config, tokenizer."""
     tokens = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
     ids = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
     tokenizer_config = tokens | {"tokenizer_class": "PreTrainedTokenizerFast"}
-    tokenizer_config |= {"model_max_length": MAX_POSITIONS, "chat_template": CHAT_TEMPLATE}
+    tokenizer_config |= {"model_max_length": MAX_POSITIONS, "chat_template": chat_template}
     tokenizer_config["clean_up_tokenization_spaces"] = False  # decoding must round-trip text
-    files = {
-        "config.json": _json_bytes(_config()),
+    return {
+        "config.json": _json_bytes(config),
         "generation_config.json": _json_bytes(ids),
         "special_tokens_map.json": _json_bytes(tokens),
-        "tokenizer.json": (_tokenizer_json() + "\n").encode(),
-        "tokenizer_config.json": _json_bytes(tokenizer_config),
+        "tokenizer.json": (tokenizer_json + "\n").encode(),
+        "tokenizer_config.json": _json_bytes(tokenizer_config | tokenizer_extra),
     }
+
+
+def write_model(target: Path, files: dict[str, bytes], weights: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    target.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (target / name).write_bytes(data)
-    save_file(_weights(), str(target / "model.safetensors"), metadata={"format": "pt"})
+    save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
     (target / "model.safetensors").chmod(0o644)  # safetensors writes 0600; others may serve it
     return target
 

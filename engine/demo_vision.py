@@ -27,6 +27,8 @@ from engine.demo_model import (
     _random,
     _tokenizer_json,
     ensure_built,
+    model_files,
+    write_model,
 )
 
 if TYPE_CHECKING:  # torch is imported lazily: importing this module should stay cheap
@@ -223,29 +225,13 @@ def _config() -> dict[str, Any]:
 
 def write_demo_vision_model(target: Path) -> Path:
     """Write the model directory into `target` (created if missing) and return it."""
-    from safetensors.torch import save_file
-
-    target.mkdir(parents=True, exist_ok=True)
-    tokens = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
-    ids = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
-    tokenizer_config = tokens | {"tokenizer_class": "PreTrainedTokenizerFast"}
-    tokenizer_config |= {"model_max_length": MAX_POSITIONS, "chat_template": CHAT_TEMPLATE}
-    tokenizer_config |= {"clean_up_tokenization_spaces": False, "processor_class": "Blip2Processor"}
     processor = {"num_query_tokens": NUM_QUERY_TOKENS, "processor_class": "Blip2Processor"}
-    files = {
-        "config.json": _json_bytes(_config()),
-        "generation_config.json": _json_bytes(ids),
-        "preprocessor_config.json": _json_bytes(_IMAGE_PROCESSOR),
-        "processor_config.json": _json_bytes(processor),
-        "special_tokens_map.json": _json_bytes(tokens),
-        "tokenizer.json": (_tokenizer_with_image_token() + "\n").encode(),
-        "tokenizer_config.json": _json_bytes(tokenizer_config),
-    }
-    for name, data in files.items():
-        (target / name).write_bytes(data)
-    save_file(_weights(), str(target / "model.safetensors"), metadata={"format": "pt"})
-    (target / "model.safetensors").chmod(0o644)  # safetensors writes 0600; others may serve it
-    return target
+    files = model_files(
+        _config(), _tokenizer_with_image_token(), CHAT_TEMPLATE, processor_class="Blip2Processor"
+    )
+    files["preprocessor_config.json"] = _json_bytes(_IMAGE_PROCESSOR)
+    files["processor_config.json"] = _json_bytes(processor)
+    return write_model(target, files, _weights())
 
 
 def ensure_demo_vision_model(cache_dir: Path | None = None) -> Path:
