@@ -117,3 +117,19 @@ def test_the_model_came_from_cloud_storage(stack: Stack) -> None:
     assert f"{MODEL_URI}: complete" in stack.log.read_text(errors="replace")
     status, health = stack.request("/health")
     assert status == 200 and "download" not in health  # figures only while it runs
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/completions/render",
+        "/v1/chat/completions/render",
+        "/v1/completions/derender",
+        "/inference/v1/generate",
+        "/render",
+    ],
+)
+def test_the_engines_internal_endpoints_are_not_public(stack: Stack, path: str) -> None:
+    # The engines run with --enable-scale-out for the gateway's raw image prompts.
+    status, body = stack.request(path, {"prompt": "hi", "token_ids": [1], "sampling_params": {}})
+    assert status == 404, body
