@@ -20,12 +20,15 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
-  echo "install.sh: installing nginx from the system packages"
+# nginx, and its njs module (it checks --api-key in constant time).
+if { ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; } \
+    || [ ! -f /usr/lib/nginx/modules/ngx_http_js_module.so ]; then
+  echo "install.sh: installing nginx and its njs module from the system packages"
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nginx >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    nginx libnginx-mod-http-js >/dev/null
   # Debian starts the packaged service; vgate runs its own nginx.
   $sudo service nginx stop >/dev/null 2>&1 || true
 fi

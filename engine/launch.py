@@ -82,6 +82,10 @@ def main(argv: list[str]) -> None:
     env = {**os.environ, **worker.env}
     # vLLM must serve its own metrics on its own /metrics, not into a shared dir.
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    # The API keys guard the front door (nginx); the engines, on loopback, answer the
+    # gateway and the monitor without them.
+    for name in ("VLLM_API_KEY", "VGATE_API_KEY", "VGATE_API_KEYS"):
+        env.pop(name, None)
     wait_for_model(run_dir)
     # supervisord signals the whole group, vLLM included: this process only waits.
     # (A Python handler, unlike SIG_IGN, is not inherited by vLLM.)

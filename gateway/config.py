@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,13 +46,16 @@ class Config:
     lora_cache_dir: str = "/tmp/vgate-lora"
     lora_cache_bytes: int = 10 * 1024**3
     host_kv_cache_fraction: float | None = None
+    api_keys: list[str] = field(default_factory=list)
+    enable_admin_routes: bool = False
     engine_args: list[str] = field(default_factory=list)
     # Set by `vgate serve` once vLLM's parser has read engine_args.
     engine: EngineArgs = field(default_factory=EngineArgs)
     engine_env: dict[str, str] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=1))
+        """The API keys stay out of the file: nginx has them from the environment."""
+        path.write_text(json.dumps(asdict(self) | {"api_keys": []}, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> Config:
@@ -85,6 +89,24 @@ def _port(text: str) -> int:
     return value
 
 
+# An API key: what an Authorization header can carry, without the separator of a list.
+_KEY = re.compile(r"[A-Za-z0-9._~+/=:@-]{8,}")
+
+
+def _keys(text: str) -> list[str]:
+    keys = [k for k in text.split(",") if k]
+    if not keys or not all(_KEY.fullmatch(k) for k in keys):
+        raise ValueError(text)
+    return keys
+
+
+def _switch(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0"):
+        raise ValueError(text)
+    return value in ("true", "1")
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
@@ -97,6 +119,8 @@ EXPECTED: dict[Callable[[str], Any], str] = {
     _positive_float: "a positive number",
     _port: "a port number, 1 to 65535",
     _fraction: "a number from 0 up to 1",
+    _keys: "keys of 8 or more letters, digits or ._~+/=:@- (several: comma-separated)",
+    _switch: "true or false",
 }
 
 
@@ -109,9 +133,12 @@ class Setting:
     group: str
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
+    repeat: bool = False  # the flag may be given more than once
+    switch: bool = False  # a flag without a value
 
 
 MODEL, FRONT, ENGINES, REQUESTS, FILES = "model", "front door", "engines", "requests", "files"
+SECURITY = "security"
 
 _SETTINGS: dict[str, Setting] = {
     "model": Setting(
@@ -152,6 +179,26 @@ _SETTINGS: dict[str, Setting] = {
     ),
     "predict_route": Setting(
         str, "VGATE_PREDICT_ROUTE", ("AIP_PREDICT_ROUTE",), "extra predict route", FRONT
+    ),
+    "api_keys": Setting(
+        _keys,
+        "VGATE_API_KEY",
+        ("VLLM_API_KEY",),
+        "a key every request but health must carry (Authorization: Bearer KEY); repeat for "
+        "several. Use it wherever the port is reachable directly (GKE, a VM); behind Vertex, "
+        "which authenticates callers itself, it is not needed. vLLM's --api-key is the same",
+        SECURITY,
+        metavar="KEY",
+        repeat=True,
+    ),
+    "enable_admin_routes": Setting(
+        _switch,
+        "VGATE_ENABLE_ADMIN_ROUTES",
+        (),
+        "put vLLM's administrative routes (adapters loaded at run time, render, batch) on the "
+        "front door, behind the API key",
+        SECURITY,
+        switch=True,
     ),
     "max_request_bytes": Setting(
         _positive_int,
@@ -259,21 +306,33 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     groups = {
         title: parser.add_argument_group(title)
-        for title in (MODEL, ENGINES, FRONT, REQUESTS, FILES)
+        for title in (MODEL, ENGINES, FRONT, SECURITY, REQUESTS, FILES)
     }
     for name, setting in _SETTINGS.items():
         sources = " > ".join([setting.env, *setting.platform_env])
         default = getattr(defaults, name)
         shown = "" if default is None else f" (default: {default})"
         choices = "{" + ",".join(setting.choices) + "}" if setting.choices else None
-        groups[setting.group].add_argument(
-            _flag(name),
+        group = groups[setting.group]
+        flag = "--api-key" if name == "api_keys" else _flag(name)
+        help_text = f"{setting.help}{'' if default in ([], False) else shown} [{sources}]"
+        if setting.switch:
+            group.add_argument(flag, dest=name, action="store_const", const="true", help=help_text)
+            continue
+        group.add_argument(
+            flag,
             dest=name,
             default=None,
+            action="append" if setting.repeat else "store",
             metavar=choices or setting.metavar or name.split("_")[-1].upper(),
-            help=f"{setting.help}{shown} [{sources}]",
+            help=help_text,
         )
     return parser
+
+
+def _joined(given: str | list[str] | None) -> str | None:
+    """A repeated flag's values as one list in text, as its environment variable has them."""
+    return ",".join(given) if isinstance(given, list) else given
 
 
 def resolve(argv: list[str], environ: Mapping[str, str]) -> Config:
@@ -293,8 +352,9 @@ def resolve(argv: list[str], environ: Mapping[str, str]) -> Config:
         args.model = positional
     values: dict[str, Any] = {}
     for name, setting in _SETTINGS.items():
+        given = getattr(args, name)
         for source, raw in [
-            (_flag(name), getattr(args, name)),
+            ("--api-key" if name == "api_keys" else _flag(name), _joined(given)),
             *((key, environ.get(key)) for key in (setting.env, *setting.platform_env)),
         ]:
             if raw is None or raw == "":
@@ -309,8 +369,9 @@ def resolve(argv: list[str], environ: Mapping[str, str]) -> Config:
                     if setting.choices
                     else EXPECTED.get(setting.parse)
                 )
+                value = "" if name == "api_keys" else f" {raw!r}"  # a key is not for the log
                 raise ConfigError(
-                    f"{source}: invalid value {raw!r}"
+                    f"{source}: invalid value{value}"
                     + (f" (expected {expected})" if expected else "")
                 ) from None
             break

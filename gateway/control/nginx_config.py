@@ -16,10 +16,42 @@ import jinja2
 
 from engine.files import write_atomic
 from engine.workers import EngineWorker
-from gateway.config import Config, gateway_socket
+from gateway.config import Config, ConfigError, gateway_socket
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "nginx"
 UPSTREAM_FILE = "engines-upstream.conf"
+# vLLM 0.32's public OpenAI routes under /v1/; the rest there is administrative.
+OPENAI_ROUTES = (
+    "chat/completions",
+    "completions",
+    "models",
+    "models/[^/]+",
+    "embeddings",
+    "responses",
+    "responses/[^/]+",
+    "responses/[^/]+/cancel",
+    "messages",
+    "messages/count_tokens",
+    "audio/transcriptions",
+    "audio/translations",
+    "score",
+    "rerank",
+)
+HEALTH_ROUTES = ("/ping", "/health")
+# Where Debian (and nginx.org's packages) put dynamic modules.
+MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules", "/etc/nginx/modules")
+JS_MODULE = "ngx_http_js_module.so"
+
+
+def js_module(dirs: tuple[str, ...] = MODULE_DIRS) -> str:
+    """nginx's njs module, which checks the API keys."""
+    for d in dirs:
+        if (Path(d) / JS_MODULE).is_file():
+            return str(Path(d) / JS_MODULE)
+    raise ConfigError(
+        "--api-key needs nginx's njs module (Debian: libnginx-mod-http-js; "
+        "deploy/install.sh installs it)"
+    )
 
 
 def _worker_user() -> str | None:
@@ -45,7 +77,15 @@ def _template(name: str) -> jinja2.Template:
 
 def render_nginx(config: Config, run_dir: Path) -> str:
     host = f"[{config.host}]" if ":" in config.host else config.host
+    health = [*HEALTH_ROUTES, *([config.health_route] if config.health_route else [])]
     return _template("nginx.conf.j2").render(
+        api_keys=bool(config.api_keys),
+        js_module=js_module() if config.api_keys else None,
+        auth_js=TEMPLATE_DIR / "auth.js",
+        admin_routes=config.enable_admin_routes,
+        openai_routes="|".join(OPENAI_ROUTES),
+        health_routes=list(dict.fromkeys(health)),
+        predict_routes=[config.predict_route] if config.predict_route else [],
         user=_worker_user(),
         run_dir=run_dir,
         listen=f"{host}:{config.port}",
@@ -53,7 +93,6 @@ def render_nginx(config: Config, run_dir: Path) -> str:
         read_timeout=math.ceil(config.request_timeout),
         max_inflight=config.max_inflight,
         gateway_sockets=[gateway_socket(run_dir, k) for k in range(config.gateway_workers)],
-        vertex_routes=[r for r in (config.health_route, config.predict_route) if r],
     )
 
 

@@ -99,6 +99,8 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
     """Check everything, write the run dir; return it and supervisord's environment."""
     nginx = find_nginx()
     check_port_free(config.host, config.port)
+    if config.enable_admin_routes and not config.api_keys:
+        raise ConfigError("--enable-admin-routes needs --api-key: admin routes are never open")
     config = read_engine_flags(config)
     placements = placement.plan(
         config.device,
@@ -173,6 +175,7 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
         "VGATE_REPLICAS": str(len(workers)),
         "VGATE_GATEWAY_WORKERS": str(config.gateway_workers),
         "VGATE_STOP_GRACE": str(config.stop_grace),
+        "VGATE_API_KEYS": ",".join(config.api_keys),  # for nginx (nginx/auth.js) alone
         "PYTHONUNBUFFERED": "1",
     }
     devices = ", ".join(w.device for w in workers)

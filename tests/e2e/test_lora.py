@@ -131,3 +131,11 @@ def test_a_missing_adapter_is_a_404_that_names_it(lora_stack: LoraStack) -> None
     status, body = _predict(lora_stack.base, {**PROMPT, "dynamic-lora": "gs://adapters/demo/nope"})
     assert status == 404, body
     assert "gs://adapters/demo/nope" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("route", ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"])
+def test_runtime_adapter_admin_routes_are_not_public(lora_stack: LoraStack, route: str) -> None:
+    # vLLM registers them with --enable-lora; anyone could swap the adapter others get.
+    body = {"lora_name": "sql", "lora_path": "attacker/evil-lora", "load_inplace": True}
+    status, _, answer = http_json(lora_stack.base + route, body)
+    assert status == 404 and answer["error"]["message"] == "no such route", answer

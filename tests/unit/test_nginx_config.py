@@ -50,3 +50,46 @@ def test_vertex_routes_reach_the_gateway_although_they_start_with_v1(tmp_path) -
         block = text.split(f'location = "{route}" {{', 1)[1].split("}", 1)[0]
         assert "proxy_pass http://gateways;" in block
     assert text.index("deployedModels/2:predict") < text.index("location /v1/")
+
+
+def _locations(text: str) -> dict[str, str]:
+    """Each front-door location's body, by its match."""
+    front = text.split("server_name front;", 1)[1].split("server_name internal;", 1)[0]
+    out = {}
+    for block in front.split("location ")[1:]:
+        match, body = block.split("{", 1)
+        out[match.strip()] = body.split("\n        }", 1)[0]
+    return out
+
+
+def test_api_keys_guard_everything_but_health(tmp_path) -> None:
+    env = {
+        "AIP_HEALTH_ROUTE": "/v1/endpoints/1/deployedModels/2",
+        "AIP_PREDICT_ROUTE": "/p:predict",
+    }
+    config = resolve(["--api-key", "k" * 20, "--api-key", "j" * 20], env)
+    text = render_nginx(config, tmp_path)
+    assert "ngx_http_js_module.so;" in text and "env VGATE_API_KEYS;" in text
+    assert "k" * 20 not in text  # the keys are in the environment, not in a file
+    guarded = 'if ($vgate_authorized = "0") { return 401; }'
+    locations = _locations(text)
+    for match in ('= "/ping"', '= "/health"', '= "/v1/endpoints/1/deployedModels/2"'):
+        assert guarded not in locations[match], match
+    for match, body in locations.items():
+        if match.startswith(("~", "/", '= "/p:predict"')) and "return 404" not in body:
+            assert guarded in body, match  # every open route but health
+    assert "error_page 401 = @unauthorized;" in text
+
+
+def test_without_keys_nothing_is_checked_and_admin_routes_are_404(tmp_path) -> None:
+    text = render_nginx(resolve([], {}), tmp_path)
+    assert "vgate_authorized" not in text and "js_module" not in text
+    assert "return 404" in _locations(text)["/v1/"]
+    assert "^/v1/(chat/completions|completions|models|" in text  # the public ones, exactly
+
+
+def test_admin_routes_on_request_behind_the_key(tmp_path) -> None:
+    config = resolve(["--api-key", "k" * 20, "--enable-admin-routes"], {})
+    admin = _locations(render_nginx(config, tmp_path))["/v1/"]
+    assert 'if ($vgate_authorized = "0") { return 401; }' in admin
+    assert "proxy_pass http://engines;" in admin

@@ -1,0 +1,114 @@
+"""The front door with API keys: every route but health behind them, admin routes on request.
+
+A stack of its own: `vgate serve DIR --api-key K1 --api-key K2 --enable-admin-routes
+--enable-lora`, one replica, Vertex's AIP_* routes set.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import openai
+import psutil
+import pytest
+
+from engine.demo_model import ensure_demo_model
+from tests.e2e.conftest import VERTEX_ENV, Stack
+from tests.helpers import descendants, free_port, http_json, spawn, stop_tree, wait_for
+
+pytestmark = pytest.mark.e2e
+
+KEYS = ("vgate-test-key-one", "vgate-test-key-two")
+PROTECTED = [
+    ("/v1/models", None),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    ("/tokenize", {"prompt": "hi"}),
+    ("/invocations", {"prompt": "hi", "max_tokens": 2}),
+    ("/predict", {"instances": [{"prompt": "hi", "max_tokens": 2}]}),
+    ("/generate", {"instances": [{"prompt": "hi", "max_tokens": 2}]}),
+    (VERTEX_ENV["AIP_PREDICT_ROUTE"], {"instances": [{"prompt": "hi", "max_tokens": 2}]}),
+    ("/metrics", None),
+]
+OPEN = ["/ping", "/health", VERTEX_ENV["AIP_HEALTH_ROUTE"]]
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    work = tmp_path_factory.mktemp("auth")
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "gateway.control.cli", "serve", str(ensure_demo_model()),
+        "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(work / "run"),
+        "--replicas", "1", "--gateway-workers", "1", "--max-model-len", "256",
+        "--api-key", KEYS[0], f"--api-key={KEYS[1]}", "--enable-admin-routes", "--enable-lora",
+    ]  # fmt: skip
+    # vLLM's own variable too: it must not reach the engines (they would refuse vgate).
+    env = {**os.environ, **VERTEX_ENV, "VLLM_API_KEY": "vllm-variable-key"}
+    log = work / "stack.log"
+    proc = spawn(argv, log, env)
+    stack = Stack(proc, f"http://127.0.0.1:{port}", work / "run", log)
+
+    def ready() -> bool:
+        assert proc.poll() is None, stack.log_tail()
+        return stack.request("/ping", timeout=5)[0] == 200
+
+    try:
+        wait_for(ready, 600, "the stack with API keys to be ready")
+        yield stack
+    finally:
+        stop_tree(proc)
+
+
+def _call(stack: Stack, path: str, body: object, key: str | None) -> tuple[int, object]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    status, _, answer = http_json(stack.base + path, body, headers=headers, timeout=60)
+    return status, answer
+
+
+@pytest.mark.parametrize(("path", "body"), PROTECTED)
+def test_every_route_but_health_needs_a_key(guarded: Stack, path: str, body: object) -> None:
+    for key in (None, "vgate-test-key-wrong", KEYS[0][:-1], "vllm-variable-key"):
+        status, answer = _call(guarded, path, body, key)
+        assert status == 401, (key, answer)
+        assert answer["error"]["status"] == "UNAUTHENTICATED"
+    for key in KEYS:
+        status, answer = _call(guarded, path, body, key)
+        assert status == 200, (key, answer)
+
+
+@pytest.mark.parametrize("path", OPEN)
+def test_health_is_open(guarded: Stack, path: str) -> None:
+    assert _call(guarded, path, None, None)[0] == 200
+
+
+def test_the_openai_sdk_sends_the_key_as_vllm_clients_do(guarded: Stack) -> None:
+    client = openai.OpenAI(base_url=guarded.base + "/v1", api_key=KEYS[1], timeout=60)
+    assert client.completions.create(model="", prompt="hi", max_tokens=2).usage.completion_tokens
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=guarded.base + "/v1", api_key="nope-nope-nope").models.list()
+
+
+def test_admin_routes_need_the_key_when_enabled(guarded: Stack) -> None:
+    body = {"lora_name": "x", "lora_path": "/nonexistent/adapter"}
+    assert _call(guarded, "/v1/load_lora_adapter", body, None)[0] == 401
+    status, answer = _call(guarded, "/v1/load_lora_adapter", body, KEYS[0])
+    # vLLM's own handler answered (it cannot load that path), not the front door.
+    assert answer["error"]["message"].startswith("Loading lora x failed"), (status, answer)
+
+
+def test_the_engines_get_no_key(guarded: Stack) -> None:
+    servers = [p for p in descendants(guarded.proc.pid) if "--model" in _cmdline(p)]
+    assert servers
+    for server in servers:
+        assert not {"VLLM_API_KEY", "VGATE_API_KEYS"} & set(server.environ())
+        assert "--api-key" not in server.cmdline()
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.NoSuchProcess:
+        return []
