@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import re
@@ -41,6 +42,42 @@ class AdapterError(ValueError):
 class AdapterSource:
     kind: str  # "gcs", "local" or "hf"
     name: str
+
+
+@dataclass(frozen=True)
+class AdapterPolicy:
+    """Which adapter sources a client may name (`--allowed-lora-sources`).
+
+    `allowed`: prefixes, `gs://bucket/prefix/`, a Hugging Face `org/` or `org/name`,
+    a local `/dir/`. None is Google's container's rule: any gs:// URI and any Hugging
+    Face id, and no local path (local adapters are the operator's --lora-modules).
+    """
+
+    allowed: tuple[str, ...] | None = None
+
+    def check(self, source: AdapterSource) -> None:
+        if self.allowed is None:
+            ok = source.kind != "local"
+        else:
+            name = os.path.normpath(source.name) if source.kind == "local" else source.name
+            ok = any(_within(name, prefix) for prefix in self.allowed)
+        if not ok:
+            raise AdapterError(
+                f"adapter {source.name!r} is not allowed here (--allowed-lora-sources)"
+            )
+
+
+def _within(name: str, prefix: str) -> bool:
+    """`org/name` matches itself only; a prefix ending in / matches what is below it."""
+    return name == prefix if not prefix.endswith("/") else name.startswith(prefix)
+
+
+POLICY_ENV = "VGATE_ENGINE_ALLOWED_LORA_SOURCES"  # for the engines' resolver: JSON, or unset
+
+
+def policy_from_env() -> AdapterPolicy:
+    raw = os.environ.get(POLICY_ENV)
+    return AdapterPolicy(None if not raw else tuple(json.loads(raw)))
 
 
 def classify_adapter(name: str) -> AdapterSource:

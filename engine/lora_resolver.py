@@ -18,7 +18,14 @@ import os
 import urllib.request
 from pathlib import Path
 
-from engine.lora_cache import AdapterCache, AdapterError, cache_from_env
+from engine.lora_cache import (
+    AdapterCache,
+    AdapterError,
+    AdapterPolicy,
+    cache_from_env,
+    classify_adapter,
+    policy_from_env,
+)
 
 log = logging.getLogger("vgate.lora")
 
@@ -53,16 +60,21 @@ def register() -> None:
     from vllm.lora.resolver import LoRAResolverRegistry
 
     if "vgate" not in LoRAResolverRegistry.get_supported_resolvers():
-        LoRAResolverRegistry.register_resolver("vgate", _resolver(cache))
+        LoRAResolverRegistry.register_resolver("vgate", _resolver(cache, policy_from_env()))
 
 
-def _resolver(cache: AdapterCache) -> object:
+def _resolver(cache: AdapterCache, policy: AdapterPolicy) -> object:
     """vLLM's classes are imported here, in the engine, never in vgate's own processes."""
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver
 
     class VgateResolver(LoRAResolver):
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+            try:
+                policy.check(classify_adapter(lora_name))
+            except AdapterError as e:
+                log.warning("%s", e)
+                return None  # vLLM answers 404 naming the model
             pin = cache.pinned(lora_name)
             try:
                 path = await asyncio.to_thread(pin.__enter__)

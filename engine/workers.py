@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine.files import write_atomic
+from engine.lora_cache import POLICY_ENV
 from engine.placement import Placement, cpu_bind
 
 # vLLM 0.32's server module; `vllm.entrypoints.openai.api_server` is its deprecated alias.
@@ -56,11 +57,14 @@ def engine_argv(
     return argv + passthrough
 
 
-def lora_env(enabled: bool, cache_dir: str, cache_bytes: int) -> dict[str, str]:
+def lora_env(
+    enabled: bool, cache_dir: str, cache_bytes: int, allowed: list[str] | None
+) -> dict[str, str]:
     """With --enable-lora: adapters load at run time, through vgate's resolver and cache."""
     if not enabled:
         return {}
-    return {
+    policy = {} if allowed is None else {POLICY_ENV: json.dumps(allowed)}
+    return policy | {
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
         "VGATE_ENGINE_LORA_CACHE_DIR": cache_dir,
         "VGATE_ENGINE_LORA_CACHE_BYTES": str(cache_bytes),

@@ -47,6 +47,8 @@ class Config:
     lora_cache_bytes: int = 10 * 1024**3
     host_kv_cache_fraction: float | None = None
     api_keys: list[str] = field(default_factory=list)
+    # None: any gs:// URI and Hugging Face id, no local path (as Google's container).
+    allowed_lora_sources: list[str] | None = None
     enable_admin_routes: bool = False
     engine_args: list[str] = field(default_factory=list)
     # Set by `vgate serve` once vLLM's parser has read engine_args.
@@ -100,6 +102,13 @@ def _keys(text: str) -> list[str]:
     return keys
 
 
+def _sources(text: str) -> list[str]:
+    sources = [s.strip() for s in text.split(",") if s.strip()]
+    if not sources or any(".." in s for s in sources):
+        raise ValueError(text)
+    return sources
+
+
 def _switch(text: str) -> bool:
     value = text.strip().lower()
     if value not in ("true", "false", "1", "0"):
@@ -121,6 +130,7 @@ EXPECTED: dict[Callable[[str], Any], str] = {
     _fraction: "a number from 0 up to 1",
     _keys: "keys of 8 or more letters, digits or ._~+/=:@- (several: comma-separated)",
     _switch: "true or false",
+    _sources: "comma-separated prefixes such as gs://bucket/adapters/,my-org/",
 }
 
 
@@ -190,6 +200,16 @@ _SETTINGS: dict[str, Setting] = {
         SECURITY,
         metavar="KEY",
         repeat=True,
+    ),
+    "allowed_lora_sources": Setting(
+        _sources,
+        "VGATE_ALLOWED_LORA_SOURCES",
+        (),
+        "the only adapter sources dynamic-lora and an OpenAI model may fetch, comma-separated "
+        "prefixes: gs://bucket/prefix/, a Hugging Face org/ or org/name, a local /dir/ "
+        "(default: any gs:// and Hugging Face id, no local path)",
+        SECURITY,
+        metavar="PREFIXES",
     ),
     "enable_admin_routes": Setting(
         _switch,

@@ -149,7 +149,12 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
         config.engine_args,
         environ,
         {
-            **lora_env(config.engine.enable_lora, config.lora_cache_dir, config.lora_cache_bytes),
+            **lora_env(
+                config.engine.enable_lora,
+                config.lora_cache_dir,
+                config.lora_cache_bytes,
+                config.allowed_lora_sources,
+            ),
             **config.engine_env,
         },
     )

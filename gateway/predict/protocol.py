@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from engine.lora_cache import AdapterError, classify_adapter
+from engine.lora_cache import AdapterError, AdapterPolicy, classify_adapter
 from gateway.errors import ApiError
 from gateway.predict.validation import CHAT, COMPLETION, RequestSchemas
 
@@ -35,6 +35,28 @@ STREAM_FORMATS = ("sse", "nul")
 # multi_modal_data key: the chat content part vLLM takes it as.
 MEDIA_PARTS = {"image": "image_url", "video": "video_url", "audio": "audio_url"}
 TOP_LEVEL_FIELDS = ("instances", "parameters", "@requestFormat")
+# What a client may set on an instance: OpenAI's sampling and output fields and vLLM's
+# sampling extras. The rest of vLLM's request schemas is the operator's (processor and
+# media kwargs, chat templates, KV transfer, priority, request ids, raw extras, prompt
+# embeddings, beam search): refused by name.
+SAMPLING_FIELDS = frozenset(
+    {
+        "max_tokens", "max_completion_tokens", "min_tokens", "temperature", "top_p", "top_k",
+        "min_p", "n", "seed", "stop", "stop_token_ids", "ignore_eos", "presence_penalty",
+        "frequency_penalty", "repetition_penalty", "length_penalty", "logit_bias",
+        "allowed_token_ids", "bad_words", "logprobs", "top_logprobs",
+        "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
+        "response_format", "structured_outputs", "user", "stream_options",
+    }
+)  # fmt: skip
+CLIENT_FIELDS = {
+    COMPLETION: SAMPLING_FIELDS | {"prompt", "echo", "suffix"},
+    CHAT: SAMPLING_FIELDS
+    | {
+        "messages", "tools", "tool_choice", "parallel_tool_calls", "add_generation_prompt",
+        "continue_final_message", "reasoning_effort", "include_reasoning", "documents",
+    },
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -100,11 +122,13 @@ def parse_envelope(body: bytes, max_instances: int) -> Envelope:
     return Envelope(instances, parameters, request_format)
 
 
-def parse_instances(envelope: Envelope, schemas: RequestSchemas, *, lora: bool) -> list[Instance]:
+def parse_instances(
+    envelope: Envelope, schemas: RequestSchemas, *, lora: AdapterPolicy | None
+) -> list[Instance]:
     """Every instance as its engine request; all checked before any is sent.
 
-    A streamed request has exactly one instance. `lora`: whether the engines
-    run with LoRA (`--enable-lora`).
+    A streamed request has exactly one instance. `lora`: the adapter sources a
+    client may name, or None when the engines run without LoRA.
     """
     instances = [
         _parse_instance(i, raw, envelope.parameters, envelope.request_format, schemas, lora)
@@ -136,7 +160,7 @@ def _parse_instance(
     parameters: dict[str, Any],
     top_format: str | None,
     schemas: RequestSchemas,
-    lora_enabled: bool,
+    policy: AdapterPolicy | None,
 ) -> Instance:
     where = f"instances[{index}]"
     if not isinstance(raw, dict):
@@ -161,8 +185,19 @@ def _parse_instance(
     if streaming["stream_format"] not in STREAM_FORMATS:
         raise _bad(f"{name('stream_format')}: must be one of {', '.join(STREAM_FORMATS)}")
     lora = fields.pop("dynamic-lora", None)
+    model = fields.pop("model", None)
     if lora is not None:
-        fields["model"] = _adapter(lora, name("dynamic-lora"), lora_enabled)
+        fields["model"] = _adapter(lora, name("dynamic-lora"), policy)
+    elif model not in (None, "") and policy is not None:  # an adapter to fetch: same checks
+        fields["model"] = _adapter(model, name("model"), policy)
+    elif model is not None:  # without LoRA only the served model's name can answer
+        fields["model"] = model
+    kind = CHAT if chat else COMPLETION
+    for key in fields:
+        if key not in CLIENT_FIELDS[kind] | {"model", "raw_response", "multi_modal_data"} and (
+            key in schemas.properties(kind)
+        ):
+            raise _bad(f"{name(key)}: not a field a client may set (an operator's vLLM option)")
     fields.setdefault("model", "")  # vLLM serves its model under an empty name
 
     if chat:
@@ -205,15 +240,15 @@ def _parse_instance(
     return Instance(False, GENERATE_ROUTE, request, prompt, raw_response, **streaming)
 
 
-def _adapter(lora: Any, where: str, enabled: bool) -> str:
+def _adapter(lora: Any, where: str, policy: AdapterPolicy | None) -> str:
     """The engine serves an adapter under its name: a loaded one's, or a source to fetch."""
     if not isinstance(lora, str) or not lora:
         raise _bad(f"{where}: must be a non-empty string")
-    if not enabled:
+    if policy is None:
         raise _bad(f"{where}: the engines run without LoRA; start vgate serve with --enable-lora")
     if "/" in lora:  # not the name of an adapter loaded at start: a source
         try:
-            classify_adapter(lora)
+            policy.check(classify_adapter(lora))
         except AdapterError as e:
             raise _bad(f"{where}: {e}") from None
     return lora

@@ -7,6 +7,7 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
+from engine.lora_cache import AdapterPolicy
 from gateway.admission import Admission
 from gateway.engine_schema import SchemaReader
 from gateway.errors import ApiError
@@ -68,7 +69,10 @@ async def _stream(
 def add_routes(app: web.Application, run_dir: Path, extra_route: str | None) -> None:
     """/generate, /predict and Vertex's AIP_PREDICT_ROUTE."""
     app["engine_schemas"] = SchemaReader(run_dir)
-    app["lora"] = app["config"].engine.enable_lora
+    config = app["config"]
+    allowed = config.allowed_lora_sources
+    policy = AdapterPolicy(None if allowed is None else tuple(allowed))
+    app["lora"] = policy if config.engine.enable_lora else None
     app["media"] = MediaReader()
     for path in dict.fromkeys(["/generate", "/predict", extra_route or "/predict"]):
         app.router.add_post(path, predict_handler)

@@ -21,6 +21,8 @@ from tests.helpers import free_port, http_json, spawn, stop_tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
+ALLOWED = "gs://adapters/demo/"
+OUTSIDE = "gs://adapters/elsewhere/sql-lora"  # a real adapter, outside the allow-list
 ADAPTER = "gs://adapters/demo/sql-lora"
 OTHER_ADAPTER = "gs://adapters/demo/chat-lora"
 PROMPT = {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0, "raw_response": True}
@@ -51,7 +53,7 @@ class LoraStack:
 def lora_stack(storage: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoraStack]:
     base = ensure_demo_model()
     work = tmp_path_factory.mktemp("lora")
-    for i, uri in enumerate((ADAPTER, OTHER_ADAPTER)):
+    for i, uri in enumerate((ADAPTER, OTHER_ADAPTER, OUTSIDE)):
         bucket, prefix = uri.removeprefix("gs://").split("/", 1)
         upload_dir(client(storage), bucket, prefix, make_adapter(base, work / f"a{i}", seed=i))
     port = free_port()
@@ -74,6 +76,7 @@ def lora_stack(storage: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "VGATE_RUN_DIR": str(work / "run"),
         "VGATE_REPLICAS": "1",
         "VGATE_LORA_CACHE_DIR": str(work / "cache"),
+        "VGATE_ALLOWED_LORA_SOURCES": ALLOWED,
     }
     log = work / "stack.log"
     proc = spawn([sys.executable, "-m", "gateway.control.cli", "serve", *notebook], log, env)
@@ -139,3 +142,21 @@ def test_runtime_adapter_admin_routes_are_not_public(lora_stack: LoraStack, rout
     body = {"lora_name": "sql", "lora_path": "attacker/evil-lora", "load_inplace": True}
     status, _, answer = http_json(lora_stack.base + route, body)
     assert status == 404 and answer["error"]["message"] == "no such route", answer
+
+
+def test_adapter_sources_outside_the_allow_list_are_refused_on_both_surfaces(
+    lora_stack: LoraStack,
+) -> None:
+    outside = OUTSIDE
+    status, body = _predict(lora_stack.base, {**PROMPT, "dynamic-lora": outside})
+    assert status == 400, body
+    assert body["error"]["message"] == (
+        f"instances[0].dynamic-lora: adapter {outside!r} is not allowed here "
+        "(--allowed-lora-sources)"
+    )
+    # The OpenAI route: vLLM asks vgate's resolver, which refuses this adapter (it exists
+    # and would load from anywhere allowed); vLLM answers 404 for a model it cannot find.
+    request = {"model": outside, "prompt": "hi", "max_tokens": 2}
+    status, _, answer = http_json(lora_stack.base + "/v1/completions", request, timeout=120)
+    assert status == 404, answer
+    assert outside in answer["error"]["message"]

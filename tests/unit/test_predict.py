@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
+from engine.lora_cache import AdapterPolicy
 from gateway.errors import ApiError
 from gateway.predict.protocol import (
     CHAT_ROUTE,
@@ -30,16 +31,24 @@ USER = [{"role": "user", "content": "hi"}]
 
 
 def _parse(
-    schemas: RequestSchemas, body: Any, max_instances: int = 64, lora: bool = True
+    schemas: RequestSchemas,
+    body: Any,
+    max_instances: int = 64,
+    lora: AdapterPolicy | None = AdapterPolicy(),  # noqa: B008 (frozen, shared safely)
 ) -> list[Instance]:
     """What the route does: the envelope first, then every instance."""
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
     return parse_instances(parse_envelope(raw, max_instances), schemas, lora=lora)
 
 
-def _error(schemas: RequestSchemas, body: Any, max_instances: int = 64) -> str:
+def _error(
+    schemas: RequestSchemas,
+    body: Any,
+    max_instances: int = 64,
+    lora: AdapterPolicy | None = AdapterPolicy(),  # noqa: B008 (frozen, shared safely)
+) -> str:
     with pytest.raises(ApiError) as info:
-        _parse(schemas, body, max_instances)
+        _parse(schemas, body, max_instances, lora)
     assert info.value.status == 400
     return info.value.message
 
@@ -281,10 +290,59 @@ def test_dynamic_lora_needs_lora_and_a_valid_source(schemas: RequestSchemas) -> 
     (inst,) = _parse(schemas, body)
     assert inst.request["model"] == "gs://b/adapters/sql"
     with pytest.raises(ApiError) as off:
-        _parse(schemas, body, lora=False)
+        _parse(schemas, body, lora=None)
     assert off.value.message == (
         "instances[0].dynamic-lora: the engines run without LoRA; "
         "start vgate serve with --enable-lora"
     )
     bad = {"instances": [{"prompt": "a", "dynamic-lora": "../../etc"}]}
     assert _error(schemas, bad).startswith("instances[0].dynamic-lora: adapter '../../etc': give")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("mm_processor_kwargs", {"num_crops": 64}),
+        ("media_io_kwargs", {"video": {"num_frames": -1}}),
+        ("kv_transfer_params", {"do_remote_prefill": True}),
+        ("vllm_xargs", {"x": 1}),
+        ("priority", 5),
+        ("request_id", "mine"),
+        ("return_prompt_text", True),
+        ("chat_template", "{{ messages }}"),
+        ("use_beam_search", True),
+    ],
+)
+def test_operator_fields_are_refused_by_name(
+    schemas: RequestSchemas, field: str, value: Any
+) -> None:
+    chat = {"@requestFormat": "chatCompletions", "messages": USER, field: value}
+    assert _error(schemas, {"instances": [chat]}) == (
+        f"instances[0].{field}: not a field a client may set (an operator's vLLM option)"
+    )
+    if field in schemas.properties("CompletionRequest"):
+        text = {"instances": [{"prompt": "a"}], "parameters": {field: value}}
+        assert _error(schemas, text) == (
+            f"instances[0].{field} (from parameters): not a field a client may set "
+            "(an operator's vLLM option)"
+        )
+
+
+def test_a_model_field_is_checked_as_dynamic_lora_is(schemas: RequestSchemas) -> None:
+    bad = {"instances": [{"prompt": "a", "model": "../../etc"}]}
+    assert _error(schemas, bad).startswith("instances[0].model: adapter '../../etc': give")
+    (inst,) = _parse(schemas, {"instances": [{"prompt": "a", "model": "base"}]}, lora=None)
+    assert inst.request["model"] == "base"  # no LoRA: nothing to fetch; vLLM checks the name
+
+
+def test_adapter_sources_outside_the_allow_list_are_refused(schemas: RequestSchemas) -> None:
+    policy = AdapterPolicy(("gs://team/adapters/", "my-org/", "/srv/adapters/"))
+    for ok in ("gs://team/adapters/sql", "my-org/chat", "/srv/adapters/a", "loaded-name"):
+        (inst,) = _parse(schemas, {"instances": [{"prompt": "a", "dynamic-lora": ok}]}, lora=policy)
+        assert inst.request["model"] == ok
+    for bad in ("gs://team/other/x", "other-org/x", "/srv/adapters/../../etc", "/tmp/x"):
+        body = {"instances": [{"prompt": "a", "dynamic-lora": bad}]}
+        assert "is not allowed here (--allowed-lora-sources)" in _error(schemas, body, lora=policy)
+    # Google's rule by default: gs:// and Hugging Face ids, no local path.
+    body = {"instances": [{"prompt": "a", "model": "/etc/adapters"}]}
+    assert _error(schemas, body).endswith("is not allowed here (--allowed-lora-sources)")
