@@ -72,10 +72,15 @@ def lora_env(
 
 
 def engine_env(placement: Placement, environ: dict[str, str]) -> dict[str, str]:
-    """Per-replica environment: the replica's GPUs, or its CPU cores and a bounded KV cache."""
+    """Per-replica environment: the replica's GPUs, or its CPU cores and a bounded KV cache.
+
+    And vLLM's media fetcher follows no redirect (an allowed URL must not lead elsewhere)
+    unless the operator says otherwise.
+    """
+    media = {"VLLM_MEDIA_URL_ALLOW_REDIRECTS": environ.get("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "0")}
     if placement.device == "cuda":
-        return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, placement.gpus))}
-    return {
+        return media | {"CUDA_VISIBLE_DEVICES": ",".join(map(str, placement.gpus))}
+    return media | {
         "CUDA_VISIBLE_DEVICES": "",
         "VLLM_CPU_OMP_THREADS_BIND": cpu_bind(placement),
         "VLLM_CPU_KVCACHE_SPACE": environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB),

@@ -49,6 +49,7 @@ class Config:
     api_keys: list[str] = field(default_factory=list)
     # None: any gs:// URI and Hugging Face id, no local path (as Google's container).
     allowed_lora_sources: list[str] | None = None
+    allowed_media_buckets: list[str] = field(default_factory=list)
     enable_admin_routes: bool = False
     engine_args: list[str] = field(default_factory=list)
     # Set by `vgate serve` once vLLM's parser has read engine_args.
@@ -210,6 +211,15 @@ _SETTINGS: dict[str, Setting] = {
         "(default: any gs:// and Hugging Face id, no local path)",
         SECURITY,
         metavar="PREFIXES",
+    ),
+    "allowed_media_buckets": Setting(
+        _sources,
+        "VGATE_ALLOWED_MEDIA_BUCKETS",
+        (),
+        "Cloud Storage buckets predict may read gs:// images from, with the container's "
+        "credentials, comma-separated (default: none)",
+        SECURITY,
+        metavar="BUCKETS",
     ),
     "enable_admin_routes": Setting(
         _switch,

@@ -17,6 +17,7 @@ import jinja2
 from engine.files import write_atomic
 from engine.workers import EngineWorker
 from gateway.config import Config, ConfigError, gateway_socket
+from gateway.predict.media import MAX_MEDIA_BYTES
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "nginx"
 UPSTREAM_FILE = "engines-upstream.conf"
@@ -90,6 +91,8 @@ def render_nginx(config: Config, run_dir: Path) -> str:
         run_dir=run_dir,
         listen=f"{host}:{config.port}",
         max_request_bytes=config.max_request_bytes,
+        # The gateway's engine requests carry gs:// media inline (base64: 4/3 larger).
+        internal_max_bytes=config.max_request_bytes + MAX_MEDIA_BYTES * 4 // 3 + 65536,
         read_timeout=math.ceil(config.request_timeout),
         max_inflight=config.max_inflight,
         gateway_sockets=[gateway_socket(run_dir, k) for k in range(config.gateway_workers)],

@@ -2,7 +2,10 @@
 
 vLLM fetches http(s) and data: URLs itself but knows nothing of Cloud
 Storage; the gateway reads such objects with the same credentials as the model
-download and hands them over as data: URLs.
+download and hands them over as data: URLs. It does so only from the buckets
+the operator allows (--allowed-media-buckets; none by default: the container's
+service account is not every caller's), at most MAX_MEDIA_ITEMS objects and
+MAX_MEDIA_BYTES in all per request, each distinct object read once.
 """
 
 from __future__ import annotations
@@ -21,54 +24,86 @@ from engine.gcs import DownloadError, is_gcs, make_client, split_uri
 from gateway.errors import ApiError
 from gateway.predict.protocol import MEDIA_PARTS, Instance
 
-MAX_MEDIA_BYTES = 20 * 1024 * 1024
+MAX_MEDIA_BYTES = 20 * 1024 * 1024  # in all, per request
+MAX_MEDIA_ITEMS = 16  # distinct gs:// objects per request
 
 
 class MediaReader:
     """Reads gs:// media for the engine; one storage client per gateway worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, allowed_buckets: frozenset[str] = frozenset()) -> None:
         self._client: storage.Client | None = None
+        self._allowed = allowed_buckets
 
     async def inline(self, instances: list[Instance]) -> list[Instance]:
         """The instances with every gs:// media URL replaced by a data: URL."""
-        return [await self._inline(i, inst) for i, inst in enumerate(instances)]
+        wanted: dict[str, str] = {}  # uri -> where it is first named
+        for i, inst in enumerate(instances):
+            for ref in _media_refs(inst.request):
+                if is_gcs(ref.get("url")):
+                    wanted.setdefault(ref["url"], f"instances[{i}]")
+        if not wanted:
+            return instances
+        if len(wanted) > MAX_MEDIA_ITEMS:
+            raise ApiError(
+                400,
+                f"instances: {len(wanted)} gs:// media objects; at most {MAX_MEDIA_ITEMS} "
+                "per request",
+            )
+        for uri, where in wanted.items():
+            self._check(where, uri)
+        data: dict[str, str] = {}
+        budget = MAX_MEDIA_BYTES
+        for uri, where in wanted.items():
+            data[uri], size = await self._data_url(where, uri, budget)
+            budget -= size
+        return [self._inlined(inst, data) for inst in instances]
 
-    async def _inline(self, index: int, instance: Instance) -> Instance:
-        if not any(is_gcs(ref.get("url")) for ref in _media_refs(instance.request)):
+    @staticmethod
+    def _inlined(instance: Instance, data: dict[str, str]) -> Instance:
+        if not any(ref.get("url") in data for ref in _media_refs(instance.request)):
             return instance
         request = copy.deepcopy(instance.request)  # the instance's own stays as it was
         for ref in _media_refs(request):
-            if is_gcs(ref.get("url")):
-                ref["url"] = await self._data_url(f"instances[{index}]", ref["url"])
+            if ref.get("url") in data:
+                ref["url"] = data[ref["url"]]
         return dataclasses.replace(instance, request=request)
 
-    async def _data_url(self, where: str, uri: str) -> str:
+    def _check(self, where: str, uri: str) -> None:
         try:
-            bucket, name = split_uri(uri)
+            bucket, _ = split_uri(uri)
         except DownloadError as e:
             raise ApiError(400, f"{where}: {e}") from None
+        if bucket not in self._allowed:
+            raise ApiError(
+                400,
+                f"{where}: {uri}: bucket {bucket!r} is not allowed for media "
+                "(--allowed-media-buckets)",
+            )
+
+    async def _data_url(self, where: str, uri: str, budget: int) -> tuple[str, int]:
+        """The object as a data: URL, and its size; more than `budget` bytes is a 400."""
+        bucket, name = split_uri(uri)
         if self._client is None:
             self._client = await asyncio.to_thread(make_client)
         blob = self._client.bucket(bucket).blob(name)
         try:
             # One request: at most one byte past the limit, which tells a larger object.
             # (A range has no whole-object checksum to check; the transport is TLS.)
-            data = await asyncio.to_thread(
-                blob.download_as_bytes, end=MAX_MEDIA_BYTES, checksum=None
-            )
+            data = await asyncio.to_thread(blob.download_as_bytes, end=budget, checksum=None)
         except gexc.NotFound:
             raise ApiError(400, f"{where}: {uri}: no such object") from None
         except (gexc.Forbidden, gexc.Unauthorized):
             raise ApiError(400, f"{where}: {uri}: no permission to read it") from None
         except gexc.GoogleAPIError as e:
             raise ApiError(502, f"{where}: {uri}: Cloud Storage error: {e}") from None
-        if len(data) > MAX_MEDIA_BYTES:
-            raise ApiError(400, f"{where}: {uri} is larger than {MAX_MEDIA_BYTES} bytes")
+        if len(data) > budget:
+            limit = f"media of a request are at most {MAX_MEDIA_BYTES} bytes in all"
+            raise ApiError(400, f"{where}: {uri}: {limit}")
         kind = blob.content_type  # from the download's headers
         if kind in (None, "", "application/octet-stream"):  # not set on upload: by the name
             kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        return f"data:{kind};base64,{base64.b64encode(data).decode()}"
+        return f"data:{kind};base64,{base64.b64encode(data).decode()}", len(data)
 
 
 def _media_refs(request: dict[str, Any]) -> list[dict[str, Any]]:

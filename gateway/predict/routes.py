@@ -73,6 +73,6 @@ def add_routes(app: web.Application, run_dir: Path, extra_route: str | None) -> 
     allowed = config.allowed_lora_sources
     policy = AdapterPolicy(None if allowed is None else tuple(allowed))
     app["lora"] = policy if config.engine.enable_lora else None
-    app["media"] = MediaReader()
+    app["media"] = MediaReader(frozenset(config.allowed_media_buckets))
     for path in dict.fromkeys(["/generate", "/predict", extra_route or "/predict"]):
         app.router.add_post(path, predict_handler)

@@ -202,6 +202,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, storage: str) -> Iterator[St
         f"--request-timeout={REQUEST_TIMEOUT_S}",
         "--served-model-name", DEMO_MODEL_NAME,
         "--download-dir", str(run_dir / "model_dir"),
+        "--allowed-media-buckets", MODEL_URI.removeprefix("gs://").split("/", 1)[0],
     ]  # fmt: skip
     env = {
         **os.environ,

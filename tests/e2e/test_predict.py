@@ -203,6 +203,12 @@ def test_images_reach_the_engine_and_a_text_model_refuses_them(stack: Stack, sto
     assert _error(stack, {"instances": [missing]}, 400) == (
         f"instances[0]: {image}.gone: no such object"
     )
+    # Only the buckets the operator allows: the container's credentials are not the caller's.
+    elsewhere = {"prompt": "?", "multi_modal_data": {"image": "gs://someone-else/x.png"}}
+    assert _error(stack, {"instances": [elsewhere]}, 400) == (
+        "instances[0]: gs://someone-else/x.png: bucket 'someone-else' is not allowed for media "
+        "(--allowed-media-buckets)"
+    )
 
 
 def test_a_body_too_large_is_413(stack: Stack) -> None:

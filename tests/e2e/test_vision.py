@@ -25,13 +25,18 @@ pytestmark = pytest.mark.e2e
 
 PROMPT = "This is a picture of"
 IMAGE_URI = "gs://vertex-models/media/square.png"
+LARGE_URI = "gs://vertex-models/media/large.png"  # megabytes: more than a request body may be
 
 
-def _png() -> bytes:
+def _png(side: int = 32) -> bytes:
+    """A PNG; a large side gives noise that does not compress (about 3 bytes a pixel)."""
     from PIL import Image
 
     out = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 40, 40)).save(out, format="PNG")
+    if side == 32:
+        Image.new("RGB", (32, 32), (200, 40, 40)).save(out, format="PNG")
+    else:
+        Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(out, format="PNG")
     return out.getvalue()
 
 
@@ -43,12 +48,16 @@ def vision(storage: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
     """`vgate serve` of the demo vision model, one replica; gs:// media from the emulator."""
     bucket = client(storage).lookup_bucket("vertex-models")
     bucket.blob(IMAGE_URI.split("/", 3)[3]).upload_from_string(_png(), content_type="image/png")
+    large = _png(1000)
+    assert len(large) > 2_000_000  # beyond the 1.5 MB request body limit, inlined as base64
+    bucket.blob(LARGE_URI.split("/", 3)[3]).upload_from_string(large, content_type="image/png")
     work = tmp_path_factory.mktemp("vision")
     port = free_port()
     argv = [
         sys.executable, "-m", "gateway.control.cli", "serve", str(ensure_demo_vision_model()),
         "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(work / "run"),
         "--replicas", "1", "--gateway-workers", "1", "--max-model-len", "512",
+        "--allowed-media-buckets", IMAGE_URI.removeprefix("gs://").split("/", 1)[0],
     ]  # fmt: skip
     log = work / "stack.log"
     proc = spawn(argv, log, {**os.environ, "STORAGE_EMULATOR_HOST": storage})
@@ -73,7 +82,7 @@ def _prompt_tokens(stack: Stack, body: dict) -> tuple[int, object]:
     return int(stack.total("vllm:prompt_tokens_total") - before), answer
 
 
-@pytest.mark.parametrize("image", [DATA_URL, IMAGE_URI])
+@pytest.mark.parametrize("image", [DATA_URL, IMAGE_URI, LARGE_URI])
 def test_a_raw_prompt_reaches_the_engine_as_written_plus_the_image(
     vision: Stack, image: str
 ) -> None:

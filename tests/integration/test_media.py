@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -27,6 +28,9 @@ def image_uri() -> Iterator[str]:
         yield "gs://media/cats/cat.png"
 
 
+ALLOWED = frozenset({"media"})
+
+
 def _instance(*urls: str) -> Instance:
     parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
     content = [*parts, {"type": "text", "text": "what is this?"}]
@@ -40,7 +44,7 @@ def _urls(instance: Instance) -> list[str]:
 
 def test_gs_media_goes_inline_and_other_urls_stay(image_uri: str) -> None:
     original = _instance(image_uri, "https://example.com/dog.png")
-    (done,) = asyncio.run(MediaReader().inline([original]))
+    (done,) = asyncio.run(MediaReader(ALLOWED).inline([original]))
     inline, kept = _urls(done)
     assert inline == "data:image/png;base64," + base64.b64encode(PNG).decode()
     assert kept == "https://example.com/dog.png"
@@ -50,7 +54,7 @@ def test_gs_media_goes_inline_and_other_urls_stay(image_uri: str) -> None:
 def test_a_missing_object_is_a_400_that_names_it(image_uri: str) -> None:
     missing = image_uri.replace("cat.png", "nope.png")
     with pytest.raises(ApiError) as info:
-        asyncio.run(MediaReader().inline([_instance("https://x/y.png"), _instance(missing)]))
+        asyncio.run(MediaReader(ALLOWED).inline([_instance("https://x/y.png"), _instance(missing)]))
     assert info.value.status == 400
     assert info.value.message == f"instances[1]: {missing}: no such object"
 
@@ -60,12 +64,41 @@ def test_instances_without_gs_media_are_untouched() -> None:
     assert asyncio.run(MediaReader().inline([plain])) == [plain]
 
 
-def test_an_object_over_the_limit_is_a_400(image_uri: str, monkeypatch) -> None:
-    monkeypatch.setattr(media, "MAX_MEDIA_BYTES", len(PNG) - 1)
-    with pytest.raises(ApiError) as info:
-        asyncio.run(MediaReader().inline([_instance(image_uri)]))
+def test_media_over_the_limit_in_all_is_a_400(image_uri: str, monkeypatch) -> None:
+    copy = image_uri.replace("cat.png", "copy.png")
+    client_ = client(os.environ["STORAGE_EMULATOR_HOST"])
+    client_.bucket("media").blob("cats/copy.png").upload_from_string(PNG, content_type="image/png")
+    monkeypatch.setattr(media, "MAX_MEDIA_BYTES", 2 * len(PNG) - 1)
+    with pytest.raises(ApiError) as info:  # each fits; both do not
+        asyncio.run(MediaReader(ALLOWED).inline([_instance(image_uri), _instance(copy)]))
     assert info.value.status == 400
-    assert info.value.message == f"instances[0]: {image_uri} is larger than {len(PNG) - 1} bytes"
-    monkeypatch.setattr(media, "MAX_MEDIA_BYTES", len(PNG))  # exactly at the limit: fine
-    (done,) = asyncio.run(MediaReader().inline([_instance(image_uri)]))
-    assert _urls(done)[0].startswith("data:image/png;base64,")
+    assert info.value.message == (
+        f"instances[1]: {copy}: media of a request are at most {2 * len(PNG) - 1} bytes in all"
+    )
+    monkeypatch.setattr(media, "MAX_MEDIA_BYTES", 2 * len(PNG))  # exactly at the limit: fine
+    done = asyncio.run(MediaReader(ALLOWED).inline([_instance(image_uri), _instance(copy)]))
+    assert all(_urls(d)[0].startswith("data:image/png;base64,") for d in done)
+
+
+def test_one_object_named_many_times_is_read_once_and_counted_once(
+    image_uri: str, monkeypatch
+) -> None:
+    monkeypatch.setattr(media, "MAX_MEDIA_BYTES", len(PNG))
+    done = asyncio.run(MediaReader(ALLOWED).inline([_instance(image_uri, image_uri)] * 3))
+    assert {url for d in done for url in _urls(d)} == {
+        "data:image/png;base64," + base64.b64encode(PNG).decode()
+    }
+
+
+def test_only_allowed_buckets_and_a_bounded_count(image_uri: str, monkeypatch) -> None:
+    with pytest.raises(ApiError) as info:
+        asyncio.run(MediaReader().inline([_instance(image_uri)]))  # none allowed by default
+    assert info.value.message == (
+        f"instances[0]: {image_uri}: bucket 'media' is not allowed for media "
+        "(--allowed-media-buckets)"
+    )
+    monkeypatch.setattr(media, "MAX_MEDIA_ITEMS", 2)
+    many = [_instance(f"gs://media/cats/{i}.png") for i in range(3)]
+    with pytest.raises(ApiError) as info:
+        asyncio.run(MediaReader(ALLOWED).inline(many))
+    assert info.value.message == "instances: 3 gs:// media objects; at most 2 per request"
