@@ -45,5 +45,5 @@ def make_app(config: Config, run_dir: Path, worker: int = 0) -> web.Application:
     app.cleanup_ctx.append(sessions)
     health.add_routes(app, config.health_route)
     predict_routes.add_routes(app, run_dir, config.predict_route)
-    app.router.add_get("/metrics", metrics.metrics_handler)
+    metrics.add_route(app)
     return app

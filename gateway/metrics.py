@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import aiohttp
 from aiohttp import web
@@ -142,7 +142,36 @@ async def exposition(
     return generate_latest(registry)
 
 
-async def metrics_handler(request: web.Request) -> web.Response:
-    app = request.app
-    body = await exposition(app["direct_session"], app["workers"], app["state"].replicas())
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+class SingleFlight:
+    """Callers that arrive while a scrape of the engines runs share it.
+
+    So however many scrape /metrics at once, each engine sees one scrape in flight
+    per gateway worker, and the serving loop merges one answer; a caller that comes
+    after it finished starts a fresh one, so figures are never older than a scrape.
+    """
+
+    def __init__(self, make: Callable[[], Awaitable[bytes]]) -> None:
+        self._make = make
+        self._running: asyncio.Future[bytes] | None = None
+
+    async def get(self) -> bytes:
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._make())
+            self._running.add_done_callback(self._finished)
+        return await asyncio.shield(self._running)  # a caller that leaves stops nobody else
+
+    def _finished(self, _: asyncio.Future[bytes]) -> None:
+        self._running = None
+
+
+def add_route(app: web.Application) -> None:
+    """/metrics: the whole container's, one engine scrape at a time per worker."""
+    flight = SingleFlight(
+        lambda: exposition(app["direct_session"], app["workers"], app["state"].replicas())
+    )
+
+    async def metrics_handler(_: web.Request) -> web.Response:
+        body = await flight.get()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/metrics", metrics_handler)

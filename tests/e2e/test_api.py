@@ -133,3 +133,21 @@ def test_the_engines_internal_endpoints_are_not_public(stack: Stack, path: str) 
     # The engines run with --enable-scale-out for the gateway's raw image prompts.
     status, body = stack.request(path, {"prompt": "hi", "token_ids": [1], "sampling_params": {}})
     assert status == 404, body
+
+
+def test_many_scrapes_at_once_leave_health_answering(stack: Stack) -> None:
+    """50 parallel /metrics share engine scrapes; /ping keeps answering within 1 s."""
+    import time
+
+    def ping() -> float:
+        start = time.monotonic()
+        assert stack.request("/ping", timeout=10)[0] == 200
+        return time.monotonic() - start
+
+    with concurrent.futures.ThreadPoolExecutor(60) as pool:
+        scrapes = [pool.submit(stack.request, "/metrics", None, 60) for _ in range(50)]
+        pings = [pool.submit(ping) for _ in range(10)]
+        statuses = [f.result()[0] for f in scrapes]
+        slowest = max(f.result() for f in pings)
+    assert statuses == [200] * 50
+    assert slowest < 1.0, f"/ping took {slowest:.2f} s during 50 parallel scrapes"

@@ -44,3 +44,25 @@ def test_replica_ready_gauge() -> None:
     )
     assert 'vgate_replica_ready{device="cpu:0",replica="0"} 1.0' in text
     assert 'vgate_replica_ready{device="cpu:1",replica="1"} 0.0' in text
+
+
+def test_scrapes_at_once_share_one_and_a_later_one_is_fresh() -> None:
+    import asyncio
+
+    from gateway.metrics import SingleFlight
+
+    calls = 0
+
+    async def scrape() -> bytes:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        return str(calls).encode()
+
+    async def run() -> tuple[list[bytes], bytes]:
+        flight = SingleFlight(scrape)
+        together = await asyncio.gather(*(flight.get() for _ in range(50)))
+        return together, await flight.get()
+
+    together, later = asyncio.run(run())
+    assert together == [b"1"] * 50 and later == b"2" and calls == 2
