@@ -44,6 +44,10 @@ class DownloadError(RuntimeError):
     """Why a prefix cannot be mirrored, naming the URI: one line for the user."""
 
 
+class TooLarge(DownloadError):
+    """The prefix holds more than the caller allows: nothing was fetched."""
+
+
 def is_gcs(uri: object) -> bool:
     return isinstance(uri, str) and uri.startswith(SCHEME)
 
@@ -209,10 +213,17 @@ def download(
     every_s: float = 2.0,
     chunked_min_bytes: int = CHUNKED_MIN_BYTES,
     chunk_bytes: int = CHUNK_BYTES,
+    max_bytes: int | None = None,
 ) -> Progress:
-    """Mirror `uri` into `dest`: fetch what is missing or does not match, verify everything."""
+    """Mirror `uri` into `dest`: fetch what is missing or does not match, verify everything.
+
+    `max_bytes`: refuse, before fetching anything, a prefix that holds more.
+    """
     client = client or make_client()
     blobs = list_objects(client, uri, required)
+    total = sum(b.size for b in blobs)
+    if max_bytes is not None and total > max_bytes:
+        raise TooLarge(f"{uri}: {total} bytes, more than the {max_bytes} allowed")
     _, prefix = split_uri(uri)
     progress = Progress(files_total=len(blobs), bytes_total=sum(b.size for b in blobs))
     for leftover in dest.rglob("*" + PART_SUFFIX) if dest.is_dir() else []:

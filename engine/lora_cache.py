@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.gcs import DownloadError, download, is_gcs, split_uri
+from engine.gcs import DownloadError, TooLarge, download, is_gcs, split_uri
 
 log = logging.getLogger("vgate.lora")
 
@@ -32,6 +32,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 COMPLETE = ".vgate-complete"  # written last: the entry is whole; its mtime is the last use
 LOCKS = ".locks"
 HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+# What of a Hugging Face repo an adapter needs: never a whole model's weights.
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "*.json"]
+DEFAULT_ADAPTER_BYTES = 4 * 1024**3
 
 
 class AdapterError(ValueError):
@@ -104,14 +107,22 @@ class AdapterCache:
         root: Path,
         max_bytes: int,
         loaded: Callable[[], set[str]] = set,
-        fetch_gcs: Callable[[str, Path], object] | None = None,
+        fetch_gcs: Callable[[str, Path, int], object] | None = None,
+        max_adapter_bytes: int = DEFAULT_ADAPTER_BYTES,
     ) -> None:
-        """`loaded`: names the engines have loaded now (never evicted)."""
+        """`loaded`: names the engines have loaded now (never evicted).
+
+        `max_adapter_bytes` (--lora-max-bytes): a larger adapter is refused, a gs:// one
+        before anything is fetched.
+        """
         self.root = root
         self.max_bytes = max_bytes
+        self.max_adapter_bytes = max_adapter_bytes
         self._loaded = loaded
         self._fetch_gcs = fetch_gcs or (
-            lambda uri, dest: download(uri, dest, required=ADAPTER_CONFIG, workers=8)
+            lambda uri, dest, limit: download(
+                uri, dest, required=ADAPTER_CONFIG, workers=8, max_bytes=limit
+            )
         )
         (root / LOCKS).mkdir(parents=True, exist_ok=True)
 
@@ -156,20 +167,34 @@ class AdapterCache:
         self.evict()
 
     def _fetch(self, source: AdapterSource, entry: Path) -> None:
+        """Fetch into `entry`; on any failure nothing of it is left (it counts in no budget)."""
         log.info("adapter %s: fetching into %s", source.name, entry)
         try:
+            self._fetch_into(source, entry)
+        except BaseException:
+            shutil.rmtree(entry, ignore_errors=True)
+            raise
+
+    def _fetch_into(self, source: AdapterSource, entry: Path) -> None:
+        limit = self.max_adapter_bytes
+        try:
             if source.kind == "gcs":
-                self._fetch_gcs(source.name, entry)
+                self._fetch_gcs(source.name, entry, limit)
             else:
                 from huggingface_hub import snapshot_download
 
-                snapshot_download(source.name, local_dir=entry)
+                snapshot_download(source.name, local_dir=entry, allow_patterns=ADAPTER_FILES)
+        except TooLarge as e:
+            raise AdapterError(f"adapter {e} (--lora-max-bytes)") from None
         except DownloadError as e:
             raise AdapterError(f"adapter {e}") from None
         except Exception as e:  # the hub client's many errors: say which
             raise AdapterError(f"adapter {source.name!r}: {type(e).__name__}: {e}") from None
+        if _size(entry) > limit:  # the hub's files, seen only once here
+            raise AdapterError(
+                f"adapter {source.name!r}: more than {limit} bytes (--lora-max-bytes)"
+            )
         if not (entry / ADAPTER_CONFIG).is_file():
-            shutil.rmtree(entry, ignore_errors=True)
             raise AdapterError(f"adapter {source.name!r}: no {ADAPTER_CONFIG}")
 
     def _lock(self, entry: Path) -> contextlib.AbstractContextManager:
@@ -231,4 +256,6 @@ def cache_from_env(loaded: Callable[[], set[str]] = set) -> AdapterCache | None:
     root = os.environ.get("VGATE_ENGINE_LORA_CACHE_DIR")
     if not root:
         return None
-    return AdapterCache(Path(root), int(os.environ["VGATE_ENGINE_LORA_CACHE_BYTES"]), loaded)
+    limit = int(os.environ.get("VGATE_ENGINE_LORA_MAX_BYTES", DEFAULT_ADAPTER_BYTES))
+    budget = int(os.environ["VGATE_ENGINE_LORA_CACHE_BYTES"])
+    return AdapterCache(Path(root), budget, loaded, max_adapter_bytes=limit)

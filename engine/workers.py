@@ -58,7 +58,7 @@ def engine_argv(
 
 
 def lora_env(
-    enabled: bool, cache_dir: str, cache_bytes: int, allowed: list[str] | None
+    enabled: bool, cache_dir: str, cache_bytes: int, max_bytes: int, allowed: list[str] | None
 ) -> dict[str, str]:
     """With --enable-lora: adapters load at run time, through vgate's resolver and cache."""
     if not enabled:
@@ -68,6 +68,7 @@ def lora_env(
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
         "VGATE_ENGINE_LORA_CACHE_DIR": cache_dir,
         "VGATE_ENGINE_LORA_CACHE_BYTES": str(cache_bytes),
+        "VGATE_ENGINE_LORA_MAX_BYTES": str(max_bytes),
     }
 
 

@@ -45,6 +45,7 @@ class Config:
     download_workers: int = 16
     lora_cache_dir: str = "/tmp/vgate-lora"
     lora_cache_bytes: int = 10 * 1024**3
+    lora_max_bytes: int = 4 * 1024**3
     host_kv_cache_fraction: float | None = None
     api_keys: list[str] = field(default_factory=list)
     # None: any gs:// URI and Hugging Face id, no local path (as Google's container).
@@ -281,6 +282,14 @@ _SETTINGS: dict[str, Setting] = {
     ),
     "download_dir": Setting(
         str, "VGATE_DOWNLOAD_DIR", (), "local mirror of gs:// models", FILES, metavar="DIR"
+    ),
+    "lora_max_bytes": Setting(
+        _positive_int,
+        "VGATE_LORA_MAX_BYTES",
+        (),
+        "largest adapter fetched (a gs:// one is refused before anything is fetched)",
+        FILES,
+        metavar="BYTES",
     ),
     "download_workers": Setting(
         _positive_int,

@@ -40,14 +40,21 @@ def _adapter(storage_url: str, tmp_path: Path, name: str, size: int = 10_000) ->
 
 
 def _cache(
-    root: Path, url: str, max_bytes: int = 10**9, loaded: set[str] = frozenset()
+    root: Path,
+    url: str,
+    max_bytes: int = 10**9,
+    loaded: set[str] = frozenset(),
+    max_adapter_bytes: int = 10**9,
 ) -> AdapterCache:
     gcs = client(url)
     return AdapterCache(
         root,
         max_bytes,
         loaded=lambda: set(loaded),
-        fetch_gcs=lambda uri, dest: download(uri, dest, required=ADAPTER_CONFIG, client=gcs),
+        fetch_gcs=lambda uri, dest, limit: download(
+            uri, dest, required=ADAPTER_CONFIG, client=gcs, max_bytes=limit
+        ),
+        max_adapter_bytes=max_adapter_bytes,
     )
 
 
@@ -154,3 +161,26 @@ def test_a_local_adapter_is_used_where_it_is(tmp_path: Path) -> None:
     (tmp_path / "mine" / ADAPTER_CONFIG).write_text("{}")
     with AdapterCache(tmp_path / "cache", 10).pinned(str(tmp_path / "mine")) as path:
         assert path == tmp_path / "mine"
+
+
+def test_an_adapter_over_the_size_cap_is_refused_before_any_fetch(
+    storage_url: str, tmp_path: Path
+) -> None:
+    uri = _adapter(storage_url, tmp_path, "huge", size=50_000)
+    with FaultyFront(storage_url).running() as front:
+        cache = _cache(tmp_path / "cache", front.url, max_adapter_bytes=20_000)
+        too_large = r"more than the 20000 allowed \(--lora-max-bytes\)"
+        with pytest.raises(AdapterError, match=too_large), cache.pinned(uri):
+            pass
+    assert not any(p.endswith(".safetensors") for p in front.downloads)  # listed, not fetched
+    assert not (tmp_path / "cache" / "gcs" / BUCKET / "huge").exists()
+
+
+def test_a_failed_fetch_leaves_nothing_behind(storage_url: str, tmp_path: Path) -> None:
+    uri = _adapter(storage_url, tmp_path, "broken")
+    name = "broken/adapter_model.safetensors"
+    with FaultyFront(storage_url, corrupt_objects={name}).running() as front:
+        cache = _cache(tmp_path / "cache", front.url)
+        with pytest.raises(AdapterError, match="checksum mismatch"), cache.pinned(uri):
+            pass
+    assert not (tmp_path / "cache" / "gcs" / BUCKET / "broken").exists()
