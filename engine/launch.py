@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 from engine.failures import Failure, classify
 from engine.fetch_model import MODEL_READY
@@ -66,10 +67,10 @@ def read_exits(run_dir: Path, replica: int) -> list[Failure]:
     return [Failure(**json.loads(line)) for line in lines if line.endswith("}")]
 
 
-def relay(source: object, tail: collections.deque[str]) -> None:
+def relay(source: IO[bytes], tail: collections.deque[str]) -> None:
     """Copy vLLM's output to ours line by line, keeping the last lines."""
     out = sys.stdout.buffer
-    for line in source:  # type: ignore[attr-defined]
+    for line in source:
         out.write(line)
         out.flush()
         tail.append(line.decode(errors="replace").rstrip())

@@ -177,10 +177,15 @@ async def stop_failed(
             except (OSError, xmlrpc.client.Error) as e:
                 log.warning("replica %d: not stopped: %s", r.replica, e)
     cause = fatal_cause(replicas)
-    if cause is not None:
+    if cause is None:
+        return
+    if not (run_dir / FATAL_FILE).exists():
         log.critical("%s", cause)
         (run_dir / FATAL_FILE).write_text(json.dumps({"cause": cause}))
+    try:  # asked again each poll until it is under way
         await asyncio.to_thread(supervisor.shutdown)
+    except (OSError, xmlrpc.client.Error) as e:
+        log.debug("supervisord did not take the shutdown (it may be going already): %s", e)
 
 
 async def apply_upstream(
