@@ -164,7 +164,7 @@ def test_an_invalid_instance_fails_the_request_before_any_generation(stack: Stac
             "--enable-lora",
         ),
         (
-            {"instances": [{"prompt": "a", "media_io_kwargs": {"video": {"num_frames": -1}}}]},
+            {"instances": [_chat(media_io_kwargs={"video": {"num_frames": -1}})]},
             400,
             "instances[0].media_io_kwargs: not a field a client may set",
         ),
