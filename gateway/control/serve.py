@@ -140,6 +140,15 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
     prom_dir.mkdir()
     (run_dir / "nginx").mkdir(exist_ok=True)
 
+    if config.max_inflight is None:
+        per_engine = config.engine.sequences_per_engine(placements[0].device)
+        config = dataclasses.replace(config, max_inflight=per_engine * len(placements))
+    # The engines refuse what no stack could admit (an OpenAI request's n, or its prompt
+    # list, above --max-inflight), as the gateway does for predict.
+    limits = {
+        "VLLM_MAX_N_SEQUENCES": str(config.max_inflight),
+        "VLLM_MAX_COMPLETION_PROMPTS": str(config.max_inflight),
+    }
     workers = build_workers(
         placements,
         free_loopback_ports(len(placements)),
@@ -157,12 +166,10 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
                 config.allowed_lora_sources,
             ),
             **config.engine_env,
+            **limits,
         },
     )
     save_workers(workers, run_dir / "engines.json")
-    if config.max_inflight is None:
-        per_engine = config.engine.sequences_per_engine(placements[0].device)
-        config = dataclasses.replace(config, max_inflight=per_engine * len(workers))
     config.save(run_dir / "config.json")
     write_upstream(run_dir, workers, ready=set(), generation="start")
     conf = run_dir / "nginx.conf"

@@ -71,6 +71,12 @@ class Instance:
     stream: bool = False
     stream_format: str = "sse"
 
+    @property
+    def sequences(self) -> int:
+        """Sequences the engine generates for it: its `n`."""
+        n = self.request.get("sampling_params", self.request).get("n")
+        return n if isinstance(n, int) and n > 0 else 1
+
 
 def _bad(message: str) -> ApiError:
     return ApiError(400, message)

@@ -8,7 +8,7 @@ import orjson
 from aiohttp import web
 
 from engine.lora_cache import AdapterPolicy
-from gateway.admission import Admission
+from gateway.admission import Admission, check_possible
 from gateway.engine_schema import SchemaReader
 from gateway.errors import ApiError
 from gateway.predict.media import MediaReader
@@ -26,7 +26,11 @@ async def predict_handler(request: web.Request) -> web.StreamResponse:
     request_id = request.headers.get("X-Request-Id")
     deadline = Deadline.start(config.request_timeout)
     admission: Admission = app["admission"]
-    with admission.hold(len(instances)):
+    sequences = sum(i.sequences for i in instances)
+    largest = max(enumerate(i.sequences for i in instances), key=lambda pair: pair[1])
+    assert config.max_inflight is not None, "vgate serve resolves it"
+    check_possible(sequences, largest, config.max_inflight)
+    with admission.hold(sequences):
         async with deadline.bound():
             instances = await app["media"].inline(instances)
         if instances[0].stream:

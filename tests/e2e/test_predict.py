@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import base64
-import concurrent.futures
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -15,7 +12,6 @@ import pytest
 
 from tests.e2e.conftest import (
     HF_TOKEN,
-    MAX_INFLIGHT,
     MAX_MODEL_LEN,
     REQUEST_TIMEOUT_S,
     SEQUENCE_TOKENS,
@@ -355,51 +351,6 @@ def test_a_stream_past_the_deadline_ends_with_a_504_event(stack: Stack) -> None:
 def test_a_streamed_request_the_engine_refuses_is_a_plain_json_error(stack: Stack) -> None:
     body = {"instances": [{"prompt": "word " * 3000, "stream": True}]}
     assert _error(stack, body, 400).startswith("instances[0]: This model's maximum")
-
-
-# --- admission --------------------------------------------------------------------------
-
-
-def _burst(count: int, call: Callable[[int], tuple[int, dict, Any]]) -> list[tuple]:
-    """`count` calls released at once."""
-    gate = threading.Barrier(count)
-
-    def one(i: int) -> tuple[int, dict, Any]:
-        gate.wait(timeout=30)
-        return call(i)
-
-    with concurrent.futures.ThreadPoolExecutor(count) as pool:
-        return list(pool.map(one, range(count)))
-
-
-def _check_burst(answers: list[tuple[int, dict, Any]]) -> None:
-    statuses = [a[0] for a in answers]
-    assert set(statuses) == {200, 429}, statuses
-    for status, headers, body in answers:
-        if status == 429:
-            assert headers["Retry-After"] and body["error"]["status"] == "RESOURCE_EXHAUSTED"
-
-
-# A burst arrives within BURST_S (threads released at once on loopback take milliseconds).
-# The requests admitted must still run when its last one arrives, and finish inside the
-# deadline: together they are MARGIN x BURST_S of saturating work at the measured rate,
-# MARGIN x longer than needed and several times shorter than REQUEST_TIMEOUT_S.
-BURST_S = 0.5
-
-
-def test_predict_over_max_inflight_gets_429(stack: Stack) -> None:
-    # Each gateway worker admits MAX_INFLIGHT / 2 engine requests; 4 per request here,
-    # so MAX_INFLIGHT / 4 requests run and the rest get 429.
-    work = stack.work_for(BURST_S, instances=MAX_INFLIGHT)
-    body = {"instances": _instances(work)[:4]}
-    _check_burst(_burst(12, lambda _: http_json(stack.base + "/predict", body, timeout=120)))
-
-
-def test_openai_routes_over_max_inflight_get_429(stack: Stack) -> None:
-    # nginx admits MAX_INFLIGHT requests, each one instance's worth of work.
-    body = {"prompt": "go", **stack.work_for(BURST_S, instances=MAX_INFLIGHT).fields()}
-    url = stack.base + "/v1/completions"
-    _check_burst(_burst(MAX_INFLIGHT * 2, lambda _: http_json(url, body, timeout=120)))
 
 
 # --- the container's arguments --------------------------------------------------------

@@ -29,3 +29,26 @@ def test_released_when_the_work_fails() -> None:
         raise RuntimeError
     with admission.hold(1):
         assert admission.in_flight == 1
+
+
+def test_a_request_no_stack_could_admit_is_a_400_naming_the_field() -> None:
+    from gateway.admission import check_possible
+
+    check_possible(16, (0, 16), limit=16)  # exactly the limit: possible
+    with pytest.raises(ApiError) as n:
+        check_possible(17, (2, 17), limit=16)
+    assert n.value.status == 400
+    assert n.value.message == (
+        "instances[2].n: 17 sequences; at most 16 run at once (--max-inflight)"
+    )
+    with pytest.raises(ApiError) as total:
+        check_possible(64 * 2, (0, 2), limit=100)  # 64 instances x n = 2
+    assert total.value.message.startswith("instances: 128 sequences in all (instances x n)")
+
+
+def test_an_instance_counts_its_n() -> None:
+    from gateway.predict.protocol import CHAT_ROUTE, GENERATE_ROUTE, Instance
+
+    assert Instance(True, CHAT_ROUTE, {"messages": [], "n": 4}).sequences == 4
+    assert Instance(False, GENERATE_ROUTE, {"sampling_params": {"n": 3}}).sequences == 3
+    assert Instance(False, CHAT_ROUTE, {"messages": []}).sequences == 1
