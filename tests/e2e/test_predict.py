@@ -254,7 +254,7 @@ def test_a_client_that_disconnects_cancels_every_instance(stack: Stack, streamed
     # MARGIN x 20 s of work, so it is still running when the client goes and most of it
     # is left: one streamed chat instance (a text one streams one sequence), or 32 instances.
     # (Once in four full runs an engine went on for about 20 s after the disconnect before
-    # vLLM aborted the work: under half of what was asked is the bound, a minute of it.)
+    # vLLM aborted the work: the bound, under half of what was asked, is 40 s of it.)
     work = stack.work_for(20, instances=1 if streamed else 32)
     asked = work.tokens
     instances = [_chat(**work.fields(), stream=True)] if streamed else _instances(work)
