@@ -47,6 +47,7 @@ SAMPLING_FIELDS = frozenset(
         "allowed_token_ids", "bad_words", "logprobs", "top_logprobs",
         "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
         "response_format", "structured_outputs", "user", "stream_options",
+        "model",  # checked as dynamic-lora is
     }
 )  # fmt: skip
 CLIENT_FIELDS = {
@@ -199,10 +200,9 @@ def _parse_instance(
     elif model is not None:  # without LoRA only the served model's name can answer
         fields["model"] = model
     kind = CHAT if chat else COMPLETION
+    operator_fields = schemas.properties(kind) - CLIENT_FIELDS[kind]
     for key in fields:
-        if key not in CLIENT_FIELDS[kind] | {"model", "raw_response", "multi_modal_data"} and (
-            key in schemas.properties(kind)
-        ):
+        if key in operator_fields:
             raise _bad(f"{name(key)}: not a field a client may set (an operator's vLLM option)")
     fields.setdefault("model", "")  # vLLM serves its model under an empty name
 

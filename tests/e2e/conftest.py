@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
@@ -171,6 +172,32 @@ class Work:
     def fields(self) -> dict[str, Any]:
         """One instance's fields (or one OpenAI request's)."""
         return {"max_tokens": self.max_tokens, "ignore_eos": True, "n": self.n}
+
+
+SERVE = [sys.executable, "-m", "gateway.control.cli", "serve"]
+
+
+@contextlib.contextmanager
+def one_replica_stack(
+    work: Path, args: list[str], env: dict[str, str] | None = None
+) -> Iterator[Stack]:
+    """`vgate serve ARGS` with one replica on a free loopback port, ready; stopped on exit."""
+    port = free_port()
+    argv = [*SERVE, *args, "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--run-dir", str(work / "run"), "--replicas", "1"]
+    log = work / "stack.log"
+    proc = spawn(argv, log, {**os.environ, **(env or {})})
+    stack = Stack(proc, f"http://127.0.0.1:{port}", work / "run", log)
+
+    def ready() -> bool:
+        assert proc.poll() is None, stack.log_tail()
+        return stack.request("/ping", timeout=5)[0] == 200
+
+    try:
+        wait_for(ready, STARTUP_DEADLINE_S, f"vgate serve {' '.join(args)} to be ready")
+        yield stack
+    finally:
+        stop_tree(proc)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from engine.demo_model import MAX_POSITIONS, ensure_demo_model
-from tests.e2e.conftest import Stack
-from tests.helpers import free_port, http_json, spawn, stop_tree, wait_for
+from tests.e2e.conftest import Stack, one_replica_stack
+from tests.helpers import http_json, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -31,26 +29,9 @@ HOLD = {"max_tokens": MAX_POSITIONS - 16, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    work = tmp_path_factory.mktemp("admission")
-    port = free_port()
-    argv = [
-        sys.executable, "-m", "gateway.control.cli", "serve", str(ensure_demo_model()),
-        "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(work / "run"),
-        "--replicas", "1", "--gateway-workers", "2", f"--max-inflight={LIMIT}",
-    ]  # fmt: skip
-    log = work / "stack.log"
-    proc = spawn(argv, log, dict(os.environ))
-    stack = Stack(proc, f"http://127.0.0.1:{port}", work / "run", log)
-
-    def ready() -> bool:
-        assert proc.poll() is None, stack.log_tail()
-        return stack.request("/ping", timeout=5)[0] == 200
-
-    try:
-        wait_for(ready, 600, "the small stack to be ready")
+    args = [str(ensure_demo_model()), "--gateway-workers", "2", f"--max-inflight={LIMIT}"]
+    with one_replica_stack(tmp_path_factory.mktemp("admission"), args) as stack:
         yield stack
-    finally:
-        stop_tree(proc)
 
 
 def _in_engine(stack: Stack) -> float:

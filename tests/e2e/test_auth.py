@@ -6,8 +6,6 @@ A stack of its own: `vgate serve DIR --api-key K1 --api-key K2 --enable-admin-ro
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
 
 import openai
@@ -15,8 +13,8 @@ import psutil
 import pytest
 
 from engine.demo_model import ensure_demo_model
-from tests.e2e.conftest import VERTEX_ENV, Stack
-from tests.helpers import descendants, free_port, http_json, spawn, stop_tree, wait_for
+from tests.e2e.conftest import VERTEX_ENV, Stack, one_replica_stack
+from tests.helpers import descendants, http_json
 
 pytestmark = pytest.mark.e2e
 
@@ -37,29 +35,14 @@ OPEN = ["/ping", "/health", VERTEX_ENV["AIP_HEALTH_ROUTE"]]
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    work = tmp_path_factory.mktemp("auth")
-    port = free_port()
-    argv = [
-        sys.executable, "-m", "gateway.control.cli", "serve", str(ensure_demo_model()),
-        "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(work / "run"),
-        "--replicas", "1", "--gateway-workers", "1", "--max-model-len", "256",
+    args = [
+        str(ensure_demo_model()), "--gateway-workers", "1", "--max-model-len", "256",
         "--api-key", KEYS[0], f"--api-key={KEYS[1]}", "--enable-admin-routes", "--enable-lora",
     ]  # fmt: skip
     # vLLM's own variable too: it must not reach the engines (they would refuse vgate).
-    env = {**os.environ, **VERTEX_ENV, "VLLM_API_KEY": "vllm-variable-key"}
-    log = work / "stack.log"
-    proc = spawn(argv, log, env)
-    stack = Stack(proc, f"http://127.0.0.1:{port}", work / "run", log)
-
-    def ready() -> bool:
-        assert proc.poll() is None, stack.log_tail()
-        return stack.request("/ping", timeout=5)[0] == 200
-
-    try:
-        wait_for(ready, 600, "the stack with API keys to be ready")
+    env = {**VERTEX_ENV, "VLLM_API_KEY": "vllm-variable-key"}
+    with one_replica_stack(tmp_path_factory.mktemp("auth"), args, env) as stack:
         yield stack
-    finally:
-        stop_tree(proc)
 
 
 def _call(stack: Stack, path: str, body: object, key: str | None) -> tuple[int, object]:

@@ -7,30 +7,30 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from engine.demo_model import MAX_POSITIONS, ensure_demo_model
-from tests.e2e.conftest import MODEL_URI
+from tests.e2e.conftest import MODEL_URI, SERVE, one_replica_stack
 from tests.gcs_emulator import FaultyFront
-from tests.helpers import free_port, http_json, spawn, stop_tree, wait_for
+from tests.helpers import free_port, spawn, stop_tree
 
 pytestmark = pytest.mark.e2e
 
-SERVE = [sys.executable, "-m", "gateway.control.cli", "serve"]
 # A run that cannot serve ends long before Vertex's 2 h deployment timeout: three failed
 # starts of a demo-model engine take about a minute here; this bounds it, not sizes it.
 END_DEADLINE_S = 600
 
 
-def _vgate(argv: list[str], tmp_path: Path, env: dict[str, str] | None = None):
-    port = free_port()
+def _vgate(
+    argv: list[str], tmp_path: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, Path]:
+    """A run expected to end by itself (one replica), and its log."""
     log = tmp_path / "serve.log"
-    argv = [*SERVE, *argv, "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--run-dir", str(tmp_path / "run"), "--replicas", "1", "--gateway-workers", "1"]
-    return spawn(argv, log, {**os.environ, **(env or {})}), f"http://127.0.0.1:{port}", log
+    argv = [*SERVE, *argv, "--host", "127.0.0.1", "--port", str(free_port())]
+    argv += ["--run-dir", str(tmp_path / "run"), "--replicas", "1"]
+    return spawn(argv, log, {**os.environ, **(env or {})}), log
 
 
 def _ends(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
@@ -46,26 +46,17 @@ def _ends(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
 
 def test_the_model_given_first_is_served(tmp_path: Path) -> None:
     model = ensure_demo_model()
-    proc, base, log = _vgate([str(model), "--max-model-len", "256"], tmp_path)
-    try:
-        wait_for(
-            lambda: proc.poll() is None and http_json(base + "/ping", timeout=5)[0] == 200,
-            600,
-            f"vgate serve {model} to be ready\n{log.read_text(errors='replace')[-2000:]}",
-        )
-        status, _, models = http_json(base + "/v1/models")
+    with one_replica_stack(tmp_path, [str(model), "--max-model-len", "256"]) as stack:
+        status, models = stack.request("/v1/models")
         assert status == 200 and [m["id"] for m in models["data"]] == [str(model)]
-        status, _, out = http_json(
-            base + "/v1/completions", {"prompt": "hi", "max_tokens": 3, "ignore_eos": True}
-        )
+        body = {"prompt": "hi", "max_tokens": 3, "ignore_eos": True}
+        status, out = stack.request("/v1/completions", body)
         assert status == 200 and out["usage"]["completion_tokens"] == 3
-    finally:
-        stop_tree(proc)
 
 
 def test_an_engine_that_cannot_start_ends_the_run_with_its_cause(tmp_path: Path) -> None:
     too_long = MAX_POSITIONS * 2
-    proc, _, log = _vgate([str(ensure_demo_model()), f"--max-model-len={too_long}"], tmp_path)
+    proc, log = _vgate([str(ensure_demo_model()), f"--max-model-len={too_long}"], tmp_path)
     code, last = _ends(proc, log)
     assert code == 1, last
     assert last.startswith("vgate: no engine replica can start: "), last
@@ -85,7 +76,7 @@ def test_a_download_that_fails_for_good_ends_the_run_with_its_cause(
     with FaultyFront(storage, corrupt_objects={bad}).running() as front:
         env = {"AIP_STORAGE_URI": MODEL_URI, "STORAGE_EMULATOR_HOST": front.url}
         argv = ["--download-dir", str(tmp_path / "models")]
-        proc, _, log = _vgate(argv, tmp_path, env)
+        proc, log = _vgate(argv, tmp_path, env)
         code, last = _ends(proc, log)
     assert code == 1, last
     assert last == (

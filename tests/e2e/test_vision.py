@@ -10,16 +10,14 @@ from __future__ import annotations
 import base64
 import io
 import os
-import sys
 from collections.abc import Iterator
 
 import orjson
 import pytest
 
 from engine.demo_vision import NUM_QUERY_TOKENS, ensure_demo_vision_model
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import Stack, one_replica_stack
 from tests.gcs_emulator import client
-from tests.helpers import free_port, spawn, stop_tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -51,27 +49,13 @@ def vision(storage: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
     large = _png(1000)
     assert len(large) > 2_000_000  # beyond the 1.5 MB request body limit, inlined as base64
     bucket.blob(LARGE_URI.split("/", 3)[3]).upload_from_string(large, content_type="image/png")
-    work = tmp_path_factory.mktemp("vision")
-    port = free_port()
-    argv = [
-        sys.executable, "-m", "gateway.control.cli", "serve", str(ensure_demo_vision_model()),
-        "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(work / "run"),
-        "--replicas", "1", "--gateway-workers", "1", "--max-model-len", "512",
+    args = [
+        str(ensure_demo_vision_model()), "--gateway-workers", "1", "--max-model-len", "512",
         "--allowed-media-buckets", IMAGE_URI.removeprefix("gs://").split("/", 1)[0],
     ]  # fmt: skip
-    log = work / "stack.log"
-    proc = spawn(argv, log, {**os.environ, "STORAGE_EMULATOR_HOST": storage})
-    stack = Stack(proc, f"http://127.0.0.1:{port}", work / "run", log)
-
-    def ready() -> bool:
-        assert proc.poll() is None, stack.log_tail()
-        return stack.request("/ping", timeout=5)[0] == 200
-
-    try:
-        wait_for(ready, 600, "the vision stack to be ready")
+    work = tmp_path_factory.mktemp("vision")
+    with one_replica_stack(work, args, {"STORAGE_EMULATOR_HOST": storage}) as stack:
         yield stack
-    finally:
-        stop_tree(proc)
 
 
 def _prompt_tokens(stack: Stack, body: dict) -> tuple[int, object]:
