@@ -63,6 +63,7 @@ def _finish(stack: Stack, conns: list) -> None:
         resp = conn.getresponse()
         assert resp.status == 200, resp.read()[:300]
         resp.read()
+        conn.close()
 
 
 def test_predict_over_max_inflight_gets_429(small: Stack) -> None:
