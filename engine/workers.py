@@ -13,12 +13,21 @@ from pathlib import Path
 
 from engine.files import write_atomic
 from engine.lora_cache import POLICY_ENV
+from engine.media_guard import CONNECTOR as MEDIA_CONNECTOR
 from engine.placement import Placement, cpu_bind
 
 # vLLM 0.32's server module; `vllm.entrypoints.openai.api_server` is its deprecated alias.
 VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 # GiB of KV cache per CPU engine unless the user set VLLM_CPU_KVCACHE_SPACE.
 DEFAULT_CPU_KVCACHE_GIB = "1"
+MEDIA_PER_PROMPT = {"image": 16, "audio": 16, "video": 1}
+# vLLM's media fetcher, unless the operator set these: no redirect (an allowed URL must
+# not lead elsewhere), vgate's connector (no internal address), 20 MB per item (not 256).
+MEDIA_ENV = {
+    "VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0",
+    "VLLM_MEDIA_CONNECTOR": MEDIA_CONNECTOR,
+    "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB": "20",
+}
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,9 @@ def engine_argv(
     # The tokens-in endpoint, for predict's raw prompts with images (nginx keeps the
     # endpoints this adds off the front door).
     argv += ["--enable-scale-out"]
+    # Media items per prompt (vLLM's default is 999); a multimodal model only reads it,
+    # and the user's own flag, later in the line, wins.
+    argv += ["--limit-mm-per-prompt", json.dumps(MEDIA_PER_PROMPT)]
     if served_model_name:
         argv += ["--served-model-name", served_model_name]
     return argv + passthrough
@@ -73,12 +85,8 @@ def lora_env(
 
 
 def engine_env(placement: Placement, environ: dict[str, str]) -> dict[str, str]:
-    """Per-replica environment: the replica's GPUs, or its CPU cores and a bounded KV cache.
-
-    And vLLM's media fetcher follows no redirect (an allowed URL must not lead elsewhere)
-    unless the operator says otherwise.
-    """
-    media = {"VLLM_MEDIA_URL_ALLOW_REDIRECTS": environ.get("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "0")}
+    """Per-replica environment: the replica's GPUs, or its CPU cores and a bounded KV cache."""
+    media = {name: environ.get(name, value) for name, value in MEDIA_ENV.items()}
     if placement.device == "cuda":
         return media | {"CUDA_VISIBLE_DEVICES": ",".join(map(str, placement.gpus))}
     return media | {
