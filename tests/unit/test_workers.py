@@ -20,6 +20,8 @@ def test_cpu_workers_get_own_cores_port_and_bounded_kv_cache(tmp_path) -> None:
         "--port",
         "8001",
         "--enable-scale-out",
+        "--limit-mm-per-prompt",
+        '{"image": 16, "audio": 16, "video": 1}',
         "--served-model-name",
         "demo",
         "--max-model-len",
