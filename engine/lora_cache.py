@@ -1,18 +1,21 @@
 """LoRA adapters by name, on a bounded LRU disk cache shared by every engine process.
 
 A name is `gs://bucket/path`, a local directory, or a Hugging Face repo id
-(`org/name`); nothing else is fetched. Fetched adapters live under the cache
-root at a path made from the name and checked to stay inside it. An exclusive
-file lock per adapter makes concurrent requests (in any process) fetch it once;
-a shared lock pins it while it is being handed to an engine; eviction (least
-recently used first, down to the byte budget) skips pinned adapters and those
-an engine still has loaded, because vLLM may read an adapter's files again
-whenever it reloads it.
+(`org/name`), each in one canonical spelling; nothing else is fetched. Each
+fetched adapter has a directory of its own named by a hash of its name (so no
+name can reach outside the root or into another's files). Fetches run in a
+child process that is killed at the time cap. An exclusive file lock per
+adapter makes concurrent requests (in any process) fetch it once; a shared lock
+pins it while it is being handed to an engine; eviction (least recently used
+first, down to the byte budget) skips pinned adapters and removes the others
+only once every engine has let go of them (`release`: vLLM reads an adapter's
+files again whenever it reloads it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -20,6 +23,9 @@ import logging
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +36,15 @@ log = logging.getLogger("vgate.lora")
 
 ADAPTER_CONFIG = "adapter_config.json"
 COMPLETE = ".vgate-complete"  # written last: the entry is whole; its mtime is the last use
+NAME = ".vgate-name"  # the adapter's name, in its entry
+ENTRIES = "adapters"
 LOCKS = ".locks"
+GCS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 # What of a Hugging Face repo an adapter needs: never a whole model's weights.
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "*.json"]
 DEFAULT_ADAPTER_BYTES = 4 * 1024**3
+DEFAULT_FETCH_TIMEOUT_S = 600
 
 
 class AdapterError(ValueError):
@@ -87,13 +97,15 @@ def classify_adapter(name: str) -> AdapterSource:
     """What kind of name this is, without touching the network."""
     if is_gcs(name):
         try:
-            split_uri(name)
+            bucket, prefix = split_uri(name)
         except DownloadError as e:
             raise AdapterError(str(e)) from None
-        return AdapterSource("gcs", name)
+        if not GCS_BUCKET.match(bucket) or not prefix:
+            raise AdapterError(f"adapter {name!r}: not a valid gs://bucket/path URI")
+        return AdapterSource("gcs", _canonical(name, f"gs://{bucket}/{prefix}"))
     if name.startswith("/"):
-        return AdapterSource("local", name)
-    if HF_REPO.match(name) and ".." not in name:
+        return AdapterSource("local", _canonical(name, os.path.normpath(name)))
+    if HF_REPO.match(name) and not {".", ".."} & set(name.split("/")):
         return AdapterSource("hf", name)
     raise AdapterError(
         f"adapter {name!r}: give gs://bucket/path, an absolute local path, "
@@ -101,42 +113,40 @@ def classify_adapter(name: str) -> AdapterSource:
     )
 
 
+def _canonical(name: str, canonical: str) -> str:
+    """One spelling per adapter: vLLM keeps adapters by name, and so does the cache."""
+    if name != canonical:
+        raise AdapterError(f"adapter {name!r}: write it as {canonical!r}")
+    return name
+
+
 class AdapterCache:
     def __init__(
         self,
         root: Path,
         max_bytes: int,
-        loaded: Callable[[], set[str]] = set,
-        fetch_gcs: Callable[[str, Path, int], object] | None = None,
+        release: Callable[[str], bool] = lambda name: True,
         max_adapter_bytes: int = DEFAULT_ADAPTER_BYTES,
+        fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
     ) -> None:
-        """`loaded`: names the engines have loaded now (never evicted).
+        """`release(name)`: make every engine let go of an adapter before it is evicted;
+        False when one may still hold it (then it stays).
 
         `max_adapter_bytes` (--lora-max-bytes): a larger adapter is refused, a gs:// one
-        before anything is fetched.
+        before anything is fetched. `fetch_timeout_s` (--lora-fetch-timeout): a fetch
+        still running then is stopped.
         """
         self.root = root
         self.max_bytes = max_bytes
         self.max_adapter_bytes = max_adapter_bytes
-        self._loaded = loaded
-        self._fetch_gcs = fetch_gcs or (
-            lambda uri, dest, limit: download(
-                uri, dest, required=ADAPTER_CONFIG, workers=8, max_bytes=limit
-            )
-        )
+        self.fetch_timeout_s = fetch_timeout_s
+        self._release = release
         (root / LOCKS).mkdir(parents=True, exist_ok=True)
+        (root / ENTRIES).mkdir(exist_ok=True)
 
     def entry(self, source: AdapterSource) -> Path:
-        """The adapter's directory in the cache; never outside the root."""
-        if source.kind == "gcs":
-            bucket, prefix = split_uri(source.name)
-            path = self.root.joinpath("gcs", bucket, *prefix.split("/"))
-        else:
-            path = self.root.joinpath("hf", *source.name.split("/"))
-        root = self.root.resolve()
-        if not path.resolve().is_relative_to(root) or path.resolve() == root:
-            raise AdapterError(f"adapter {source.name!r}: resolves outside the adapter cache")
-        return path
+        """The adapter's directory in the cache, its own whatever the name."""
+        return self.root / ENTRIES / hashlib.sha256(source.name.encode()).hexdigest()[:40]
 
     @contextlib.contextmanager
     def pinned(self, name: str) -> Iterator[Path]:
@@ -167,43 +177,41 @@ class AdapterCache:
         self.evict()
 
     def _fetch(self, source: AdapterSource, entry: Path) -> None:
-        """Fetch into `entry`; on any failure nothing of it is left (it counts in no budget)."""
-        log.info("adapter %s: fetching into %s", source.name, entry)
+        """Fetch into `entry` in a child process, stopped at the time cap; on any failure
+        nothing of it is left (it counts in no budget)."""
+        log.info("adapter %s: fetching", source.name)
+        argv = [sys.executable, "-m", __name__, source.kind, source.name, str(entry)]
+        argv.append(str(self.max_adapter_bytes))
+        child = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, process_group=0
+        )
         try:
-            self._fetch_into(source, entry)
+            _, err = child.communicate(timeout=self.fetch_timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            shutil.rmtree(entry, ignore_errors=True)
+            raise AdapterError(
+                f"adapter {source.name!r}: not fetched within {self.fetch_timeout_s:g} s "
+                "(--lora-fetch-timeout)"
+            ) from None
         except BaseException:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
             shutil.rmtree(entry, ignore_errors=True)
             raise
-
-    def _fetch_into(self, source: AdapterSource, entry: Path) -> None:
-        limit = self.max_adapter_bytes
-        try:
-            if source.kind == "gcs":
-                self._fetch_gcs(source.name, entry, limit)
-            else:
-                from huggingface_hub import snapshot_download
-
-                snapshot_download(source.name, local_dir=entry, allow_patterns=ADAPTER_FILES)
-        except TooLarge as e:
-            raise AdapterError(f"adapter {e} (--lora-max-bytes)") from None
-        except DownloadError as e:
-            raise AdapterError(f"adapter {e}") from None
-        except Exception as e:  # the hub client's many errors: say which
-            raise AdapterError(f"adapter {source.name!r}: {type(e).__name__}: {e}") from None
-        if _size(entry) > limit:  # the hub's files, seen only once here
-            raise AdapterError(
-                f"adapter {source.name!r}: more than {limit} bytes (--lora-max-bytes)"
-            )
-        if not (entry / ADAPTER_CONFIG).is_file():
-            raise AdapterError(f"adapter {source.name!r}: no {ADAPTER_CONFIG}")
+        if child.returncode != 0:
+            shutil.rmtree(entry, ignore_errors=True)
+            lines = err.strip().splitlines() or [f"fetch exited with {child.returncode}"]
+            raise AdapterError(lines[-1])
+        (entry / NAME).write_text(source.name)
 
     def _lock(self, entry: Path) -> contextlib.AbstractContextManager:
-        key = hashlib.sha256(str(entry.relative_to(self.root)).encode()).hexdigest()[:32]
-        return (self.root / LOCKS / f"{key}.lock").open("a+")
+        return (self.root / LOCKS / f"{entry.name}.lock").open("a+")
 
     def entries(self) -> list[Path]:
         """Complete entries, least recently used first."""
-        done = [p.parent for p in self.root.glob(f"*/**/{COMPLETE}")]
+        done = [p.parent for p in (self.root / ENTRIES).glob(f"*/{COMPLETE}")]
         return sorted(done, key=lambda p: (p / COMPLETE).stat().st_mtime)
 
     def evict(self) -> list[Path]:
@@ -213,18 +221,18 @@ class AdapterCache:
         total = sum(sizes.values())
         if total <= self.max_bytes:
             return []
-        loaded = self._loaded()
         removed = []
         for entry in entries:
             if total <= self.max_bytes:
                 break
-            if self._name_of(entry) in loaded:
-                continue
             with self._lock(entry) as lock:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # pinned by a request right now
+                # Held: a request for it now waits here, then fetches it again.
+                if not self._release((entry / NAME).read_text()):
+                    continue  # an engine may still read it
                 (entry / COMPLETE).unlink(missing_ok=True)
                 shutil.rmtree(entry, ignore_errors=True)
                 fcntl.flock(lock, fcntl.LOCK_UN)
@@ -237,16 +245,45 @@ class AdapterCache:
             )
         return removed
 
-    def _name_of(self, entry: Path) -> str:
-        kind, *parts = entry.relative_to(self.root).parts
-        return "gs://" + "/".join(parts) if kind == "gcs" else "/".join(parts)
+
+def fetch_into(source: AdapterSource, entry: Path, limit: int) -> None:
+    """The fetch itself, run in the child process."""
+    try:
+        if source.kind == "gcs":
+            download(source.name, entry, required=ADAPTER_CONFIG, workers=8, max_bytes=limit)
+        else:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(source.name, local_dir=entry, allow_patterns=ADAPTER_FILES)
+    except TooLarge as e:
+        raise AdapterError(f"adapter {e} (--lora-max-bytes)") from None
+    except DownloadError as e:
+        raise AdapterError(f"adapter {e}") from None
+    except Exception as e:  # the hub client's many errors: say which
+        if _no_space(e):
+            raise AdapterError(
+                f"adapter {source.name!r}: no space left on the adapter cache's disk"
+            ) from None
+        raise AdapterError(f"adapter {source.name!r}: {type(e).__name__}: {e}") from None
+    if _size(entry) > limit:  # the hub's files, seen only once here
+        raise AdapterError(f"adapter {source.name!r}: more than {limit} bytes (--lora-max-bytes)")
+    if not (entry / ADAPTER_CONFIG).is_file():
+        raise AdapterError(f"adapter {source.name!r}: no {ADAPTER_CONFIG}")
+
+
+def _no_space(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def cache_from_env(loaded: Callable[[], set[str]] = set) -> AdapterCache | None:
+def cache_from_env(release: Callable[[str], bool]) -> AdapterCache | None:
     """The cache `vgate serve` configured for the engines, if any.
 
     Its own names (VGATE_ENGINE_LORA_CACHE_*), set only in the engines' environment:
@@ -258,4 +295,20 @@ def cache_from_env(loaded: Callable[[], set[str]] = set) -> AdapterCache | None:
         return None
     limit = int(os.environ.get("VGATE_ENGINE_LORA_MAX_BYTES", DEFAULT_ADAPTER_BYTES))
     budget = int(os.environ["VGATE_ENGINE_LORA_CACHE_BYTES"])
-    return AdapterCache(Path(root), budget, loaded, max_adapter_bytes=limit)
+    timeout = float(os.environ.get("VGATE_ENGINE_LORA_FETCH_TIMEOUT", DEFAULT_FETCH_TIMEOUT_S))
+    return AdapterCache(Path(root), budget, release, limit, timeout)
+
+
+def main(argv: list[str]) -> int:
+    """The fetch's child process: KIND NAME ENTRY LIMIT; the cause on stderr's last line."""
+    kind, name, entry, limit = argv
+    try:
+        fetch_into(AdapterSource(kind, name), Path(entry), int(limit))
+    except AdapterError as e:
+        print(str(e).replace("\n", " "), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -34,17 +35,19 @@ PIN_AFTER_RESOLVE_S = 60
 _unpinning: set[asyncio.Task] = set()
 
 
-def loaded_adapters() -> set[str]:
-    """Adapters any engine of this container has loaded now (from each one's /v1/models)."""
+def _engine_urls() -> list[str]:
     from engine.workers import load_workers
 
-    names: set[str] = set()
     run_dir = os.environ.get("VGATE_RUN_DIR")
-    if not run_dir:
-        return names
-    for worker in load_workers(Path(run_dir) / "engines.json"):
+    return [w.url for w in load_workers(Path(run_dir) / "engines.json")] if run_dir else []
+
+
+def loaded_adapters() -> set[str]:
+    """Adapters any engine of this container has loaded now (from each one's /v1/models)."""
+    names: set[str] = set()
+    for url in _engine_urls():
         try:
-            with urllib.request.urlopen(worker.url + "/v1/models", timeout=5) as resp:
+            with urllib.request.urlopen(url + "/v1/models", timeout=5) as resp:
                 models = json.load(resp)["data"]
         except (OSError, ValueError, KeyError):
             continue  # a down engine has nothing loaded
@@ -52,9 +55,38 @@ def loaded_adapters() -> set[str]:
     return names
 
 
+def unload_everywhere(name: str) -> bool:
+    """Every engine forgets the adapter, over loopback; False if one may still hold it.
+
+    vLLM keeps every adapter it resolved by name and reads its files again whenever it
+    reloads it, so the files may go only once no engine has the name: then its next
+    request asks the resolver again. An engine that does not answer in time may hold
+    it (fail closed); one that refuses the connection has nothing loaded.
+    """
+    body = json.dumps({"lora_name": name}).encode()
+    for url in _engine_urls():
+        request = urllib.request.Request(
+            url + "/v1/unload_lora_adapter", body, {"Content-Type": "application/json"}
+        )
+        try:
+            urllib.request.urlopen(request, timeout=5).close()
+        except urllib.error.HTTPError as e:
+            if e.code != 404:  # 404: it never had it
+                log.warning("adapter %r: engine %s did not unload it (%s)", name, url, e.code)
+                return False
+        except urllib.error.URLError as e:
+            if not isinstance(e.reason, ConnectionRefusedError):
+                log.warning("adapter %r: engine %s did not answer (%s)", name, url, e.reason)
+                return False
+        except OSError as e:
+            log.warning("adapter %r: engine %s did not answer (%s)", name, url, e)
+            return False
+    return True
+
+
 def register() -> None:
     """The plugin entry point; vLLM may call it in several processes: register once each."""
-    cache = cache_from_env(loaded_adapters)
+    cache = cache_from_env(unload_everywhere)
     if cache is None:
         return
     from vllm.lora.resolver import LoRAResolverRegistry
@@ -73,13 +105,13 @@ def _resolver(cache: AdapterCache, policy: AdapterPolicy) -> object:
             try:
                 policy.check(classify_adapter(lora_name))
             except AdapterError as e:
-                log.warning("%s", e)
+                log.warning("%r", str(e))
                 return None  # vLLM answers 404 naming the model
             pin = cache.pinned(lora_name)
             try:
                 path = await asyncio.to_thread(pin.__enter__)
             except (AdapterError, OSError) as e:
-                log.warning("adapter %s: %s", lora_name, e)
+                log.warning("%r", str(e))
                 return None  # vLLM answers 404 naming the model
             # vLLM reads the files after this returns: keep the pin until it has them.
             unpin = asyncio.get_running_loop().create_task(_unpin_when_loaded(pin, lora_name))

@@ -70,7 +70,12 @@ def engine_argv(
 
 
 def lora_env(
-    enabled: bool, cache_dir: str, cache_bytes: int, max_bytes: int, allowed: list[str] | None
+    enabled: bool,
+    cache_dir: str,
+    cache_bytes: int,
+    max_bytes: int,
+    fetch_timeout_s: int,
+    allowed: list[str] | None,
 ) -> dict[str, str]:
     """With --enable-lora: adapters load at run time, through vgate's resolver and cache."""
     if not enabled:
@@ -81,6 +86,7 @@ def lora_env(
         "VGATE_ENGINE_LORA_CACHE_DIR": cache_dir,
         "VGATE_ENGINE_LORA_CACHE_BYTES": str(cache_bytes),
         "VGATE_ENGINE_LORA_MAX_BYTES": str(max_bytes),
+        "VGATE_ENGINE_LORA_FETCH_TIMEOUT": str(fetch_timeout_s),
     }
 
 

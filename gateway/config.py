@@ -46,6 +46,7 @@ class Config:
     lora_cache_dir: str = "/tmp/vgate-lora"
     lora_cache_bytes: int = 10 * 1024**3
     lora_max_bytes: int = 4 * 1024**3
+    lora_fetch_timeout: int = 600
     host_kv_cache_fraction: float | None = None
     api_keys: list[str] = field(default_factory=list)
     # None: any gs:// URI and Hugging Face id, no local path (as Google's container).
@@ -290,6 +291,14 @@ _SETTINGS: dict[str, Setting] = {
         "largest adapter fetched (a gs:// one is refused before anything is fetched)",
         FILES,
         metavar="BYTES",
+    ),
+    "lora_fetch_timeout": Setting(
+        _positive_int,
+        "VGATE_LORA_FETCH_TIMEOUT",
+        (),
+        "seconds an adapter fetch may take before it is stopped and its request refused",
+        FILES,
+        metavar="SECONDS",
     ),
     "download_workers": Setting(
         _positive_int,

@@ -87,7 +87,7 @@ class FaultyFront:
             nonlocal runner
             app = web.Application()
             app.router.add_route("*", "/{tail:.*}", self._forward)
-            runner = web.AppRunner(app)
+            runner = web.AppRunner(app, shutdown_timeout=1)  # no drain for a test front
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", port).start()
 

@@ -163,6 +163,7 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
                 config.lora_cache_dir,
                 config.lora_cache_bytes,
                 config.lora_max_bytes,
+                config.lora_fetch_timeout,
                 config.allowed_lora_sources,
             ),
             **config.engine_env,

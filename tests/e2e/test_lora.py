@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from engine.demo_model import ensure_demo_model
+from engine.lora_cache import NAME
 from tests.gcs_emulator import client, upload_dir
 from tests.helpers import free_port, http_json, spawn, stop_tree, wait_for
 
@@ -47,6 +48,7 @@ def make_adapter(base: Path, out: Path, seed: int) -> Path:
 class LoraStack:
     base: str
     log: Path
+    cache: Path
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,8 @@ def lora_stack(storage: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     for i, uri in enumerate((ADAPTER, OTHER_ADAPTER, OUTSIDE)):
         bucket, prefix = uri.removeprefix("gs://").split("/", 1)
         upload_dir(client(storage), bucket, prefix, make_adapter(base, work / f"a{i}", seed=i))
+    # The adapter cache holds one adapter: every change of adapter evicts the other.
+    one_adapter = sum(f.stat().st_size for f in (work / "a0").rglob("*") if f.is_file())
     port = free_port()
     notebook = [
         "python", "-m", "vllm.entrypoints.api_server", "--host=127.0.0.1", f"--port={port}",
@@ -76,6 +80,7 @@ def lora_stack(storage: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "VGATE_RUN_DIR": str(work / "run"),
         "VGATE_REPLICAS": "1",
         "VGATE_LORA_CACHE_DIR": str(work / "cache"),
+        "VGATE_LORA_CACHE_BYTES": str(one_adapter * 3 // 2),
         "VGATE_ALLOWED_LORA_SOURCES": ALLOWED,
     }
     log = work / "stack.log"
@@ -88,7 +93,7 @@ def lora_stack(storage: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
     try:
         wait_for(ready, 600, "the LoRA stack to be ready")
-        yield LoraStack(base_url, log)
+        yield LoraStack(base_url, log, work / "cache")
     finally:
         stop_tree(proc)
 
@@ -128,6 +133,30 @@ def test_an_openai_request_may_name_an_adapter_as_its_model(lora_stack: LoraStac
     status, _, answer = http_json(lora_stack.base + "/v1/completions", body, timeout=120)
     assert status == 200, answer
     assert answer["model"] == OTHER_ADAPTER
+
+
+def test_the_cache_budget_holds_by_unloading_what_it_evicts(lora_stack: LoraStack) -> None:
+    def cached() -> set[str]:
+        return {p.read_text() for p in lora_stack.cache.glob(f"adapters/*/{NAME}")}
+
+    def loaded() -> set[str]:
+        return {m["id"] for m in http_json(lora_stack.base + "/v1/models")[2]["data"]}
+
+    def settled(used: str, gone: str) -> bool:
+        return cached() == {used} and used in loaded() and gone not in loaded()
+
+    status, first = _predict(lora_stack.base, {**PROMPT, "dynamic-lora": OTHER_ADAPTER})
+    assert status == 200, first
+    wait_for(lambda: settled(OTHER_ADAPTER, ADAPTER), 60, "only this adapter, cached and loaded")
+    status, other = _predict(lora_stack.base, {**PROMPT, "dynamic-lora": ADAPTER})
+    assert status == 200, other
+    # Room for one: the first is unloaded from the engine, then its files go.
+    wait_for(lambda: settled(ADAPTER, OTHER_ADAPTER), 60, "the first adapter to be evicted")
+    # Asked again, it is fetched and loaded again: the same adapter, the same text.
+    status, again = _predict(lora_stack.base, {**PROMPT, "dynamic-lora": OTHER_ADAPTER})
+    assert status == 200, again
+    assert again == first
+    wait_for(lambda: settled(OTHER_ADAPTER, ADAPTER), 60, "the other adapter to be evicted")
 
 
 def test_a_missing_adapter_is_a_404_that_names_it(lora_stack: LoraStack) -> None:

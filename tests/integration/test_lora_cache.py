@@ -7,14 +7,16 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from engine.gcs import download
 from engine.lora_cache import (
     ADAPTER_CONFIG,
+    NAME,
     AdapterCache,
     AdapterError,
     classify_adapter,
@@ -43,18 +45,18 @@ def _cache(
     root: Path,
     url: str,
     max_bytes: int = 10**9,
-    loaded: set[str] = frozenset(),
+    held: set[str] = frozenset(),
     max_adapter_bytes: int = 10**9,
+    fetch_timeout_s: float = 120,
 ) -> AdapterCache:
-    gcs = client(url)
+    """`held`: adapters an engine keeps (release says no); fetches go to `url`."""
+    os.environ["STORAGE_EMULATOR_HOST"] = url  # the fetch's child process reads it
     return AdapterCache(
         root,
         max_bytes,
-        loaded=lambda: set(loaded),
-        fetch_gcs=lambda uri, dest, limit: download(
-            uri, dest, required=ADAPTER_CONFIG, client=gcs, max_bytes=limit
-        ),
+        release=lambda name: name not in held,
         max_adapter_bytes=max_adapter_bytes,
+        fetch_timeout_s=fetch_timeout_s,
     )
 
 
@@ -63,7 +65,7 @@ def test_an_adapter_is_fetched_once_into_the_cache(storage_url: str, tmp_path: P
     with FaultyFront(storage_url).running() as front:
         cache = _cache(tmp_path / "cache", front.url)
         with cache.pinned(uri) as path:
-            assert path == tmp_path / "cache" / "gcs" / BUCKET / "sql"
+            assert path == cache.entry(classify_adapter(uri))
             assert (path / ADAPTER_CONFIG).is_file()
         with cache.pinned(uri):
             pass
@@ -102,7 +104,8 @@ def test_concurrent_requests_in_several_processes_fetch_once(
         outs = [p.communicate(timeout=120)[0].strip() for p in procs]
         here.join(120)
     assert all(p.returncode == 0 for p in procs)
-    assert set(outs + seen_here) == {str(root / "gcs" / BUCKET / "shared")} and seen_here
+    entry = AdapterCache(root, 10**9).entry(classify_adapter(uri))
+    assert set(outs + seen_here) == {str(entry)} and seen_here
     assert sorted(d.rsplit("/", 1)[-1] for d in front.downloads) == [
         ADAPTER_CONFIG,
         "adapter_model.safetensors",
@@ -114,24 +117,35 @@ def test_least_recently_used_go_first_but_never_one_in_use(
 ) -> None:
     uris = [_adapter(storage_url, tmp_path, f"a{i}", size=100_000) for i in range(4)]
     root = tmp_path / "cache"
-    cache = _cache(root, storage_url, max_bytes=250_000, loaded={uris[1]})
+    cache = _cache(root, storage_url, max_bytes=250_000, held={uris[1]})
+
+    def cached() -> list[str]:
+        return [(p / NAME).read_text().rsplit("/", 1)[-1] for p in cache.entries()]
+
     for uri in uris[:3]:
         with cache.pinned(uri):
             pass
-    # a0 was used first but is not loaded anywhere: evicted; a1 is loaded in an engine.
-    assert [p.name for p in cache.entries()] == ["a1", "a2"]
+    # a0 was used first and let go of: evicted; an engine still holds a1.
+    assert cached() == ["a1", "a2"]
     with cache.pinned(uris[2]):  # a2 in use by a request while a3 comes and goes
         with cache.pinned(uris[3]):
-            assert {p.name for p in cache.entries()} == {"a1", "a2", "a3"}
-        # Over budget: a1 is loaded, a2 in use, so a3, the only one free, went.
-        assert {p.name for p in cache.entries()} == {"a1", "a2"}
-    assert (root / "gcs" / BUCKET / "a2" / ADAPTER_CONFIG).is_file()
+            assert set(cached()) == {"a1", "a2", "a3"}
+        # Over budget: a1 is held, a2 in use, so a3, the only one free, went.
+        assert set(cached()) == {"a1", "a2"}
+    assert (cache.entry(classify_adapter(uris[2])) / ADAPTER_CONFIG).is_file()
 
 
 @pytest.mark.parametrize(
     ("name", "message"),
     [
         ("gs://adapters/../etc", "not a valid gs://bucket/path URI"),
+        ("gs://adapters/p/", "write it as 'gs://adapters/p'"),
+        ("gs://adapters//p", "write it as 'gs://adapters/p'"),
+        ("gs://Bad_Bucket/p", "not a valid gs://bucket/path URI"),
+        ("gs://adapters", "not a valid gs://bucket/path URI"),
+        ("/srv/adapters/../x", "write it as '/srv/x'"),
+        ("/srv//x/", "write it as '/srv/x'"),
+        ("org/.", "give gs://bucket/path"),
         ("http://x/y", "give gs://bucket/path, an absolute local path, or a Hugging Face repo id"),
         ("org/..", "give gs://bucket/path"),
         ("../../etc/passwd", "give gs://bucket/path"),
@@ -173,7 +187,7 @@ def test_an_adapter_over_the_size_cap_is_refused_before_any_fetch(
         with pytest.raises(AdapterError, match=too_large), cache.pinned(uri):
             pass
     assert not any(p.endswith(".safetensors") for p in front.downloads)  # listed, not fetched
-    assert not (tmp_path / "cache" / "gcs" / BUCKET / "huge").exists()
+    assert not cache.entry(classify_adapter(uri)).exists()
 
 
 def test_a_failed_fetch_leaves_nothing_behind(storage_url: str, tmp_path: Path) -> None:
@@ -183,4 +197,48 @@ def test_a_failed_fetch_leaves_nothing_behind(storage_url: str, tmp_path: Path) 
         cache = _cache(tmp_path / "cache", front.url)
         with pytest.raises(AdapterError, match="checksum mismatch"), cache.pinned(uri):
             pass
-    assert not (tmp_path / "cache" / "gcs" / BUCKET / "broken").exists()
+    assert not cache.entry(classify_adapter(uri)).exists()
+
+
+def test_a_fetch_past_its_time_cap_is_stopped(storage_url: str, tmp_path: Path) -> None:
+    uri = _adapter(storage_url, tmp_path, "slow")
+    # Every request to the front waits a minute: no fetch ends within 2 s at any speed.
+    with FaultyFront(storage_url, latency_s=60).running() as front:
+        cache = _cache(tmp_path / "cache", front.url, fetch_timeout_s=2)
+        started = time.monotonic()
+        stopped = r"not fetched within 2 s \(--lora-fetch-timeout\)"
+        with pytest.raises(AdapterError, match=stopped), cache.pinned(uri):
+            pass
+        assert time.monotonic() - started < 30
+    fetches = [
+        p for p in psutil.Process().children(recursive=True) if "engine.lora_cache" in p.cmdline()
+    ]
+    assert not fetches  # the fetch's process is gone
+    assert not cache.entry(classify_adapter(uri)).exists()
+
+
+def test_a_full_disk_is_that_requests_error(
+    storage_url: str, tmp_path: Path, small_disk: Path
+) -> None:
+    uri = _adapter(storage_url, tmp_path, "big", size=400_000)
+    cache = _cache(small_disk, storage_url)  # 256 KiB of disk, a budget of a gigabyte
+    with pytest.raises(AdapterError, match="no space left on the adapter cache's disk"):
+        cache.pinned(uri).__enter__()
+    assert not cache.entry(classify_adapter(uri)).exists()
+    small = _adapter(storage_url, tmp_path, "small", size=10_000)
+    with cache.pinned(small) as path:  # the space the failed fetch took is free again
+        assert (path / ADAPTER_CONFIG).is_file()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs (this needs root, as CI has)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small disk needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)

@@ -286,9 +286,9 @@ def test_stream_events() -> None:
 
 
 def test_dynamic_lora_needs_lora_and_a_valid_source(schemas: RequestSchemas) -> None:
-    body = {"instances": [{"prompt": "a", "dynamic-lora": "gs://b/adapters/sql"}]}
+    body = {"instances": [{"prompt": "a", "dynamic-lora": "gs://bkt/adapters/sql"}]}
     (inst,) = _parse(schemas, body)
-    assert inst.request["model"] == "gs://b/adapters/sql"
+    assert inst.request["model"] == "gs://bkt/adapters/sql"
     with pytest.raises(ApiError) as off:
         _parse(schemas, body, lora=None)
     assert off.value.message == (
@@ -340,9 +340,17 @@ def test_adapter_sources_outside_the_allow_list_are_refused(schemas: RequestSche
     for ok in ("gs://team/adapters/sql", "my-org/chat", "/srv/adapters/a", "loaded-name"):
         (inst,) = _parse(schemas, {"instances": [{"prompt": "a", "dynamic-lora": ok}]}, lora=policy)
         assert inst.request["model"] == ok
-    for bad in ("gs://team/other/x", "other-org/x", "/srv/adapters/../../etc", "/tmp/x"):
+    for bad in ("gs://team/other/x", "other-org/x", "/tmp/x"):
         body = {"instances": [{"prompt": "a", "dynamic-lora": bad}]}
         assert "is not allowed here (--allowed-lora-sources)" in _error(schemas, body, lora=policy)
+    # One spelling per adapter: vLLM and the cache know adapters by name.
+    for alias, canonical in [
+        ("/srv/adapters/../../etc", "/etc"),
+        ("gs://team/adapters/sql/", "gs://team/adapters/sql"),
+        ("gs://team//adapters/sql", "gs://team/adapters/sql"),
+    ]:
+        body = {"instances": [{"prompt": "a", "dynamic-lora": alias}]}
+        assert _error(schemas, body, lora=policy).endswith(f"write it as {canonical!r}")
     # Google's rule by default: gs:// and Hugging Face ids, no local path.
     body = {"instances": [{"prompt": "a", "model": "/etc/adapters"}]}
     assert _error(schemas, body).endswith("is not allowed here (--allowed-lora-sources)")
