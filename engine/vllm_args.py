@@ -37,6 +37,7 @@ class EngineArgs:
     max_num_seqs: int | None = None  # None: vLLM's default for the device
     enable_lora: bool = False
     served_model_name: list[str] | None = None
+    lora_modules: tuple[str, ...] = ()  # the operator's adapters' names (--lora-modules)
 
     @property
     def gpus_per_replica(self) -> int:
@@ -118,4 +119,5 @@ def read_engine_args(argv: list[str]) -> EngineArgs:
         max_num_seqs=args.max_num_seqs,
         enable_lora=bool(args.enable_lora),
         served_model_name=[served] if isinstance(served, str) else served,
+        lora_modules=tuple(m.name for m in args.lora_modules or ()),
     )

@@ -1,4 +1,4 @@
-"""The gateway's aiohttp application: predict, health and metrics."""
+"""The gateway's aiohttp application: predict, health, metrics and the model list."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from engine.workers import load_workers
-from gateway import health, metrics
+from gateway import health, metrics, models
 from gateway.admission import Admission, worker_share
 from gateway.config import Config
 from gateway.engine_client import engine_session
@@ -46,4 +46,5 @@ def make_app(config: Config, run_dir: Path, worker: int = 0) -> web.Application:
     health.add_routes(app, config.health_route)
     predict_routes.add_routes(app, run_dir, config.predict_route)
     metrics.add_route(app)
+    models.add_route(app, frozenset(config.engine.lora_modules))
     return app

@@ -65,7 +65,9 @@ class Config:
     @classmethod
     def load(cls, path: Path) -> Config:
         values = json.loads(path.read_text())
-        return cls(**{**values, "engine": EngineArgs(**values["engine"])})
+        engine = values["engine"]
+        engine["lora_modules"] = tuple(engine.get("lora_modules", ()))
+        return cls(**{**values, "engine": EngineArgs(**engine)})
 
 
 def gateway_socket(run_dir: Path, worker: int) -> Path:

@@ -73,6 +73,18 @@ async def call_json(
         return orjson.loads(await body.read())
 
 
+async def get_json(session: aiohttp.ClientSession, path: str, where: str) -> Any:
+    """GET an engine route through nginx (any ready engine answers)."""
+    try:
+        async with session.get(BASE_URL + path) as resp:
+            body = await resp.read()
+            if resp.status != 200:
+                raise _engine_error(resp.status, body, where)
+            return orjson.loads(body)
+    except aiohttp.ClientError as e:
+        raise _unreachable(e, where) from None
+
+
 @contextlib.asynccontextmanager
 async def open_stream(
     session: aiohttp.ClientSession,

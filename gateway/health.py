@@ -7,6 +7,7 @@ probing and routes no traffic until 200). A replica that cannot start is
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import orjson
@@ -26,7 +27,7 @@ def _answer(request: web.Request, detail: bool) -> web.Response:
         "replicas_total": len(replicas),
     }
     if detail:
-        body["replicas"] = [r.public() for r in replicas]
+        body["replicas"] = [_redacted(r.public()) for r in replicas]
         download = _download_progress(request.app["run_dir"])
         if download is not None:
             body["download"] = download
@@ -38,14 +39,25 @@ def _answer(request: web.Request, detail: bool) -> web.Response:
     )
 
 
+# Callers see neither the container's paths nor bucket names: the logs have them.
+_LOCATION = re.compile(r"gs://\S+|(?<![\w.])/(?:[\w.+-]+/)+[\w.+-]*")
+
+
+def _redacted(replica: dict[str, object]) -> dict[str, object]:
+    if isinstance(replica.get("cause"), str):
+        replica["cause"] = _LOCATION.sub("<path>", replica["cause"])
+    return replica
+
+
 def _download_progress(run_dir: Path) -> dict[str, object] | None:
-    """The model download's figures while it runs (see engine/fetch_model.py)."""
+    """The model download's figures while it runs (see engine/fetch_model.py), not its URI."""
     if (run_dir / MODEL_READY).exists():
         return None
     try:
-        return orjson.loads((run_dir / PROGRESS_FILE).read_bytes())
+        progress = orjson.loads((run_dir / PROGRESS_FILE).read_bytes())
     except (OSError, ValueError):
         return None
+    return {k: v for k, v in progress.items() if k != "uri"}
 
 
 async def ping_handler(request: web.Request) -> web.Response:

@@ -69,15 +69,40 @@ async def track_requests(request: web.Request, handler: Handler) -> web.StreamRe
         LATENCY.labels(route).observe(time.perf_counter() - start)
 
 
+# vLLM labels it with the names of the adapters running and waiting: clients choose
+# them, and each mix is a new series that is never removed.
+LORA_INFO = "vllm:lora_requests_info"
+
+
 def relabel(text: str, replica: int) -> list[Metric]:
     """Parse one engine's exposition and add replica="<i>" to every sample."""
     families = []
     for family in text_string_to_metric_families(text):
+        if family.name == LORA_INFO:
+            families += _lora_counts(family, replica)
+            continue
         family.samples = [
             s._replace(labels={**s.labels, "replica": str(replica)}) for s in family.samples
         ]
         families.append(family)
     return families
+
+
+def _lora_counts(family: Metric, replica: int) -> list[Metric]:
+    """How many adapters have running and waiting requests now (the newest series),
+    not which: bounded labels, and no tenant sees another's adapter names."""
+    latest = max(family.samples, key=lambda s: s.value, default=None)
+    counts = []
+    for kind in ("running", "waiting"):
+        names = latest.labels.get(f"{kind}_lora_adapters", "") if latest else ""
+        gauge = GaugeMetricFamily(
+            f"vgate_lora_adapters_{kind}",
+            f"LoRA adapters with {kind} requests",
+            labels=["replica"],
+        )
+        gauge.add_metric([str(replica)], len([n for n in names.split(",") if n]))
+        counts.append(gauge)
+    return counts
 
 
 def merge(families: Iterable[Metric]) -> list[Metric]:

@@ -21,12 +21,11 @@ from gateway.predict.media import MAX_MEDIA_BYTES
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "nginx"
 UPSTREAM_FILE = "engines-upstream.conf"
-# vLLM 0.32's public OpenAI routes under /v1/; the rest there is administrative.
+# vLLM 0.32's public OpenAI routes under /v1/ (/v1/models is the gateway's); the rest
+# there is administrative.
 OPENAI_ROUTES = (
     "chat/completions",
     "completions",
-    "models",
-    "models/[^/]+",
     "embeddings",
     "responses",
     "responses/[^/]+",

@@ -17,6 +17,7 @@ import pytest
 
 from engine.demo_model import ensure_demo_model
 from engine.lora_cache import NAME
+from engine.workers import load_workers
 from tests.gcs_emulator import client, upload_dir
 from tests.helpers import free_port, http_json, spawn, stop_tree, wait_for
 
@@ -49,6 +50,11 @@ class LoraStack:
     base: str
     log: Path
     cache: Path
+    engine: str  # the engine itself, as vgate's own code reaches it over loopback
+
+    def loaded(self) -> set[str]:
+        """Adapters the engine has now (the public /v1/models does not list them)."""
+        return {m["id"] for m in http_json(self.engine + "/v1/models")[2]["data"]}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +99,8 @@ def lora_stack(storage: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
     try:
         wait_for(ready, 600, "the LoRA stack to be ready")
-        yield LoraStack(base_url, log, work / "cache")
+        (engine,) = load_workers(work / "run" / "engines.json")
+        yield LoraStack(base_url, log, work / "cache", engine.url)
     finally:
         stop_tree(proc)
 
@@ -124,8 +131,12 @@ def test_dynamic_lora_from_cloud_storage_changes_the_output(lora_stack: LoraStac
     assert tuned["predictions"] != plain["predictions"]
     status, again = _predict(lora_stack.base, {**PROMPT, "dynamic-lora": ADAPTER})
     assert again == tuned  # greedy: the same adapter gives the same text
+    assert ADAPTER in lora_stack.loaded()
+    # Callers see the served model (here the notebook's --model), not the adapters
+    # others named nor where anything is stored.
     status, _, models = http_json(lora_stack.base + "/v1/models")
-    assert ADAPTER in {m["id"] for m in models["data"]}
+    assert status == 200 and [m["id"] for m in models["data"]] == [str(ensure_demo_model())]
+    assert models["data"][0]["root"] == models["data"][0]["id"]
 
 
 def test_an_openai_request_may_name_an_adapter_as_its_model(lora_stack: LoraStack) -> None:
@@ -139,11 +150,9 @@ def test_the_cache_budget_holds_by_unloading_what_it_evicts(lora_stack: LoraStac
     def cached() -> set[str]:
         return {p.read_text() for p in lora_stack.cache.glob(f"adapters/*/{NAME}")}
 
-    def loaded() -> set[str]:
-        return {m["id"] for m in http_json(lora_stack.base + "/v1/models")[2]["data"]}
-
     def settled(used: str, gone: str) -> bool:
-        return cached() == {used} and used in loaded() and gone not in loaded()
+        loaded = lora_stack.loaded()
+        return cached() == {used} and used in loaded and gone not in loaded
 
     status, first = _predict(lora_stack.base, {**PROMPT, "dynamic-lora": OTHER_ADAPTER})
     assert status == 200, first

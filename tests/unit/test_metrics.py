@@ -66,3 +66,19 @@ def test_scrapes_at_once_share_one_and_a_later_one_is_fresh() -> None:
 
     together, later = asyncio.run(run())
     assert together == [b"1"] * 50 and later == b"2" and calls == 2
+
+
+_INFO = 'vllm:lora_requests_info{running_lora_adapters="%s",waiting_lora_adapters="%s"}'
+LORA_INFO = f"""# HELP vllm:lora_requests_info Running stats on lora requests.
+# TYPE vllm:lora_requests_info gauge
+{_INFO % ("gs://tenant-a/x", "")} 1.7e9
+{_INFO % ("gs://tenant-b/y,gs://tenant-c/z", "gs://tenant-d/w")} 1.8e9
+"""
+
+
+def test_adapter_names_clients_chose_become_counts() -> None:
+    text = _render(merge([*relabel(LORA_INFO, 0), *relabel(LORA_INFO, 1)]))
+    assert "tenant" not in text and "vllm:lora_requests_info" not in text
+    assert 'vgate_lora_adapters_running{replica="0"} 2.0' in text  # the newest series
+    assert 'vgate_lora_adapters_waiting{replica="1"} 1.0' in text
+    assert text.count("# TYPE vgate_lora_adapters_running gauge") == 1

@@ -85,7 +85,8 @@ def test_without_keys_nothing_is_checked_and_admin_routes_are_404(tmp_path) -> N
     text = render_nginx(resolve([], {}), tmp_path)
     assert "vgate_authorized" not in text and "js_module" not in text
     assert "return 404" in _locations(text)["/v1/"]
-    assert "^/v1/(chat/completions|completions|models|" in text  # the public ones, exactly
+    assert "^/v1/(chat/completions|completions|embeddings|" in text  # the public ones, exactly
+    assert "proxy_pass http://gateways;" in _locations(text)["= /v1/models"]
 
 
 def test_admin_routes_on_request_behind_the_key(tmp_path) -> None:

@@ -1,0 +1,32 @@
+"""/v1/models as callers see it: no adapter a client named, no local path."""
+
+from gateway.models import public_models
+
+ENGINE_ANSWER = {
+    "object": "list",
+    "data": [
+        {"id": "gs://models/llama", "object": "model", "root": "/tmp/vgate-models/models/llama"},
+        {
+            "id": "sql",
+            "object": "model",
+            "root": "/srv/adapters/sql",
+            "parent": "gs://models/llama",
+        },
+        {
+            "id": "gs://tenant-bucket/secret-lora",
+            "object": "model",
+            "root": "/tmp/vgate-lora/adapters/0ef8",
+            "parent": "gs://models/llama",
+        },
+    ],
+}
+
+
+def test_the_operators_models_and_adapters_without_their_paths() -> None:
+    answer = public_models(ENGINE_ANSWER, frozenset({"sql"}))
+    assert answer["object"] == "list"
+    assert [(m["id"], m["root"]) for m in answer["data"]] == [
+        ("gs://models/llama", "gs://models/llama"),
+        ("sql", "sql"),
+    ]
+    assert answer["data"][1]["parent"] == "gs://models/llama"
