@@ -27,6 +27,9 @@ class EngineArgsError(ValueError):
     """vLLM refuses the engine flags; the message names the flag and vLLM's reason."""
 
 
+ENGINE_DEFAULT_PORT = 8000  # vLLM's
+
+
 @dataclass(frozen=True)
 class EngineArgs:
     """What vgate needs to know of the engine flags (vLLM's parser read them)."""
@@ -111,6 +114,11 @@ def read_engine_args(argv: list[str]) -> EngineArgs:
             validate_parsed_serve_args(args)
         except (TypeError, ValueError) as e:
             raise EngineArgsError(str(e).removeprefix("Error: ")) from None
+    if args.host is not None or args.port != ENGINE_DEFAULT_PORT or args.uds:
+        raise EngineArgsError(
+            "--host, --port and --uds are vgate's: the engines listen on loopback only, "
+            "nginx is the front door (vgate serve --host/--port)"
+        )
     served = args.served_model_name
     return EngineArgs(
         model_tag=args.model_tag,

@@ -53,3 +53,10 @@ def test_refusals_name_the_flag_and_vllms_reason(argv: list[str], message: str) 
 
 def test_a_positional_among_the_flags_is_seen() -> None:
     assert read_engine_args(["--enforce-eager", "org/model"]).model_tag == "org/model"
+
+
+@pytest.mark.parametrize("argv", [["--host", "0.0.0.0"], ["--port=9000"], ["--uds", "/tmp/s"]])
+def test_engines_stay_on_loopback(argv: list[str]) -> None:
+    # vgate serve -- --host 0.0.0.0 would put the raw engines on every interface.
+    with pytest.raises(EngineArgsError, match="--host, --port and --uds are vgate's"):
+        read_engine_args(argv)
