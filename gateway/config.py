@@ -37,6 +37,7 @@ class Config:
     max_instances: int = 64
     # None: the engines' --max-num-seqs times replicas, resolved by `vgate serve`.
     max_inflight: int | None = None
+    max_inflight_per_client: int | None = None
     stop_grace: int = 30
     health_route: str | None = None
     predict_route: str | None = None
@@ -264,6 +265,15 @@ _SETTINGS: dict[str, Setting] = {
         (),
         "engine requests in flight before new ones get 429 "
         "(default: the engines' --max-num-seqs times replicas)",
+        REQUESTS,
+        metavar="N",
+    ),
+    "max_inflight_per_client": Setting(
+        _positive_int,
+        "VGATE_MAX_INFLIGHT_PER_CLIENT",
+        (),
+        "requests in flight from one client address before its new ones get 429 "
+        "(default: no such cap; behind a load balancer every client may share its address)",
         REQUESTS,
         metavar="N",
     ),

@@ -94,6 +94,7 @@ def render_nginx(config: Config, run_dir: Path) -> str:
         internal_max_bytes=config.max_request_bytes + MAX_MEDIA_BYTES * 4 // 3 + 65536,
         read_timeout=math.ceil(config.request_timeout),
         max_inflight=config.max_inflight,
+        per_client=config.max_inflight_per_client,
         gateway_sockets=[gateway_socket(run_dir, k) for k in range(config.gateway_workers)],
     )
 

@@ -7,8 +7,10 @@ limits, request ids, and an internal listener that is not on the network.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -41,6 +43,8 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path,
             str(run_dir),
             "--max-request-bytes",
             "100000",
+            "--max-inflight-per-client",
+            "2",
         ],
         {},
     )
@@ -187,3 +191,48 @@ def test_a_reload_that_did_not_happen_is_not_counted(front, monkeypatch) -> None
     applied, served = _apply(run_dir, _Signals(procs[0], sends=False), {0})  # signal lost
     assert not applied and served != _written_generation(run_dir)
     assert _apply(run_dir, _Signals(procs[0]), set())[0]
+
+
+def _raw(base: str, data: bytes) -> tuple[int, dict]:
+    """Send bytes as they are; (status, JSON body) of nginx's answer."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(data)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_malformed_requests_get_json_errors(front) -> None:
+    base, _, _ = front
+    status, body = _raw(base, b"NOT HTTP AT ALL\r\n\r\n")
+    assert status == 400 and body["error"]["message"].startswith("malformed HTTP request"), body
+    status, body = _raw(base, b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 414 and body["error"]["message"] == "the request URI is too long", body
+    huge = b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 20_000 + b"\r\n\r\n"
+    status, body = _raw(base, huge)
+    assert status == 400 and "headers are too large" in body["error"]["message"], body
+
+
+def test_one_client_has_at_most_its_share_in_flight(front) -> None:
+    base, _, _ = front
+    host, port = base.removeprefix("http://").split(":")
+    # Two requests held open in their body (nginx counts them from their headers on).
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]
+    try:
+        for conn in held:
+            conn.sendall(head + b"{")
+
+        def third_refused() -> bool:
+            status, _, body = http_json(base + "/predict", {"instances": [{"prompt": "a"}]})
+            return status == 429 and "at most 2 from one client" in body["error"]["message"]
+
+        wait_for(third_refused, 10, "a third request from this client to get 429")
+    finally:
+        for conn in held:
+            conn.close()
+    # Health is never counted against a client.
+    assert http_json(base + "/health")[0] == 503
