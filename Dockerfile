@@ -16,6 +16,13 @@ COPY gateway/ gateway/
 RUN deploy/install.sh --venv system \
     && rm -rf /var/lib/apt/lists/* /root/.cache/pip
 
+# Nothing runs as root: vLLM, nginx (workers included), supervisord and the gateway.
+# The run dir, model mirror and adapter cache default to /tmp; the uid is far from
+# the base's own users.
+RUN useradd --create-home --uid 10001 --user-group vgate
+USER 10001
+ENV HOME=/home/vgate
+
 # Vertex sets AIP_HTTP_PORT (default 8080) and the other AIP_* variables.
 EXPOSE 8080
 ENTRYPOINT ["vgate", "serve"]
