@@ -85,7 +85,10 @@ async def predict(
     try:
         async with deadline.bound(), asyncio.TaskGroup() as group:
             tasks = [
-                group.create_task(_answer(session, inst, f"instances[{i}]", request_id))
+                # Each instance's engine request has an id of its own, for the engines' logs.
+                group.create_task(
+                    _answer(session, inst, f"instances[{i}]", _suffixed(request_id, i))
+                )
                 for i, inst in enumerate(instances)
             ]
     except ExceptionGroup as group_error:
@@ -93,6 +96,10 @@ async def predict(
         first = group_error.exceptions[0]
         raise first if isinstance(first, ApiError) else group_error from None
     return predictions(instances, [t.result() for t in tasks])
+
+
+def _suffixed(request_id: str | None, index: int) -> str | None:
+    return f"{request_id}-{index}" if request_id else None
 
 
 async def stream(

@@ -21,13 +21,20 @@ def _inst(prompt: str, raw: bool = False) -> Instance:
     return Instance(False, COMPLETIONS_ROUTE, {"prompt": prompt}, prompt, raw)
 
 
-async def _with_engine(tmp_path: Path, instances: list[Instance], timeout: float):
-    """Run predict against a stand-in; return (outcome, how many engine calls were cancelled)."""
+async def _with_engine(
+    tmp_path: Path, instances: list[Instance], timeout: float, ids: list[str] | None = None
+):
+    """Run predict against a stand-in; return (outcome, how many engine calls were cancelled).
+
+    `ids`: filled with the engine requests' ids (the predict request's is "req").
+    """
     cancelled = 0
 
     async def completions(request: web.Request) -> web.Response:
         nonlocal cancelled
         prompt = (await request.json())["prompt"]
+        if ids is not None:
+            ids.append(request.headers["X-Request-Id"])
         if prompt == "bad":
             return web.json_response({"error": {"message": "too long"}}, status=400)
         try:
@@ -46,7 +53,8 @@ async def _with_engine(tmp_path: Path, instances: list[Instance], timeout: float
     try:
         async with engine_session(sock) as session:
             try:
-                outcome: object = await predict(session, instances, Deadline.start(timeout))
+                deadline = Deadline.start(timeout)
+                outcome: object = await predict(session, instances, deadline, "req")
             except ApiError as e:
                 outcome = e
         # The stand-in sees each disconnect shortly after; give it a bounded moment.
@@ -60,8 +68,10 @@ async def _with_engine(tmp_path: Path, instances: list[Instance], timeout: float
 
 def test_answers_come_back_in_order(tmp_path: Path) -> None:
     insts = [_inst("fast", raw=True), _inst("fast")]
-    outcome, _ = asyncio.run(_with_engine(tmp_path, insts, 5))
+    ids: list[str] = []
+    outcome, _ = asyncio.run(_with_engine(tmp_path, insts, 5, ids))
     assert outcome == ["FAST", "Prompt:\nfast\nOutput:\nFAST"]
+    assert sorted(ids) == ["req-0", "req-1"]  # each instance's own id, for the engines' logs
 
 
 def test_a_failed_instance_fails_the_request_and_cancels_the_others(tmp_path: Path) -> None:
