@@ -21,12 +21,14 @@ VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 # GiB of KV cache per CPU engine unless the user set VLLM_CPU_KVCACHE_SPACE.
 DEFAULT_CPU_KVCACHE_GIB = "1"
 MEDIA_PER_PROMPT = {"image": 16, "audio": 16, "video": 1}
-# vLLM's media fetcher, unless the operator set these: no redirect (an allowed URL must
-# not lead elsewhere), vgate's connector (no internal address), 20 MB per item (not 256).
-MEDIA_ENV = {
+# Unless the operator set them: vLLM's media fetcher follows no redirect (an allowed URL
+# must not lead elsewhere), uses vgate's connector (no internal address) and takes 20 MB
+# per item (not 256); vLLM sends no usage statistics out of the container.
+ENGINE_ENV_DEFAULTS = {
     "VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0",
     "VLLM_MEDIA_CONNECTOR": MEDIA_CONNECTOR,
     "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB": "20",
+    "VLLM_NO_USAGE_STATS": "1",
 }
 
 
@@ -92,10 +94,10 @@ def lora_env(
 
 def engine_env(placement: Placement, environ: dict[str, str]) -> dict[str, str]:
     """Per-replica environment: the replica's GPUs, or its CPU cores and a bounded KV cache."""
-    media = {name: environ.get(name, value) for name, value in MEDIA_ENV.items()}
+    defaults = {name: environ.get(name, value) for name, value in ENGINE_ENV_DEFAULTS.items()}
     if placement.device == "cuda":
-        return media | {"CUDA_VISIBLE_DEVICES": ",".join(map(str, placement.gpus))}
-    return media | {
+        return defaults | {"CUDA_VISIBLE_DEVICES": ",".join(map(str, placement.gpus))}
+    return defaults | {
         "CUDA_VISIBLE_DEVICES": "",
         "VLLM_CPU_OMP_THREADS_BIND": cpu_bind(placement),
         "VLLM_CPU_KVCACHE_SPACE": environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB),

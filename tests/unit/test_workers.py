@@ -55,3 +55,14 @@ def test_gpu_workers_see_only_their_group() -> None:
     assert [w.env["CUDA_VISIBLE_DEVICES"] for w in workers] == ["0,1", "2,3"]
     assert workers[0].argv[-1] == "-tp=2"  # the engine flags as given
     assert workers[1].device == "cuda:2,3"
+
+
+def test_engines_fetch_media_through_vgates_guard_unless_the_operator_says_otherwise() -> None:
+    (w,) = build_workers(plan("cpu", [], [0], replicas=1), [1], "/py", "m", None, [], {})
+    assert w.env["VLLM_MEDIA_CONNECTOR"] == "vgate"
+    assert w.env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
+    assert w.env["VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB"] == "20"
+    assert w.env["VLLM_NO_USAGE_STATS"] == "1"
+    mine = {"VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB": "64"}
+    (w,) = build_workers(plan("cpu", [], [0], replicas=1), [1], "/py", "m", None, [], mine)
+    assert w.env["VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB"] == "64"
