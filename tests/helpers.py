@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import http.server
 import json
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -109,3 +111,32 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 60) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     proc.wait(timeout=10)
+
+
+class _Counted(http.server.BaseHTTPRequestHandler):
+    hits = 0
+
+    def do_GET(self) -> None:
+        type(self).hits += 1
+        self.send_response(200)
+        self.send_header("Content-Length", "5")
+        self.end_headers()
+        self.wfile.write(b"bytes")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def counting_http_server() -> Iterator[tuple[int, Callable[[], int]]]:
+    """An HTTP server on loopback that answers GETs and counts them: (port, hits())."""
+    handler = type("Counted", (_Counted,), {"hits": 0})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd.server_address[1], lambda: handler.hits
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(10)

@@ -8,10 +8,8 @@ prompt-token counter shows what it got: the raw prompt's tokens plus the image's
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import os
-import threading
 from collections.abc import Iterator
 
 import orjson
@@ -20,7 +18,7 @@ import pytest
 from engine.demo_vision import NUM_QUERY_TOKENS, ensure_demo_vision_model
 from tests.e2e.conftest import Stack, one_replica_stack
 from tests.gcs_emulator import client
-from tests.integration.test_media_guard import Counter
+from tests.helpers import counting_http_server
 
 pytestmark = pytest.mark.e2e
 
@@ -118,24 +116,17 @@ def test_more_images_than_the_model_takes_is_a_clear_400(vision: Stack) -> None:
     assert answer["error"]["message"].startswith("instances[0]: At most 1 image(s)")
 
 
-@pytest.fixture
-def internal_server() -> Iterator[str]:
-    """An HTTP server on loopback that counts the requests it gets: a stand-in for any
-    internal service (the metadata server, the engines' own ports, the VPC)."""
-    Counter.hits = 0
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Counter)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-
-
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_media_urls_never_reach_internal_addresses_on_either_surface(
-    vision: Stack, internal_server: str, host: str
+    vision: Stack, host: str
 ) -> None:
-    url = f"http://{internal_server.replace('127.0.0.1', host)}/image.png"
+    # A stand-in for any internal service: the metadata server, the engines' own ports.
+    with counting_http_server() as (port, hits):
+        _refused_everywhere(vision, f"http://{host}:{port}/image.png")
+        assert hits() == 0
+
+
+def _refused_everywhere(vision: Stack, url: str) -> None:
     part = {"type": "image_url", "image_url": {"url": url}}
     message = {"role": "user", "content": [part, {"type": "text", "text": "What is this?"}]}
     openai = {"model": "", "messages": [message], "max_tokens": 2}
@@ -149,4 +140,3 @@ def test_media_urls_never_reach_internal_addresses_on_either_surface(
         status, answer = vision.request(path, body)
         assert status == 400, (path, answer)
         assert "is a loopback address" in answer["error"]["message"], answer
-    assert Counter.hits == 0

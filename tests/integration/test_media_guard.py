@@ -7,39 +7,19 @@ The e2e vision tests check the same through the whole stack.
 from __future__ import annotations
 
 import asyncio
-import http.server
 import re
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from engine.media_guard import InternalAddress, _connector_class, check_url, internal_reason
-
-
-class Counter(http.server.BaseHTTPRequestHandler):
-    hits = 0
-
-    def do_GET(self) -> None:
-        type(self).hits += 1
-        self.send_response(200)
-        self.send_header("Content-Length", "5")
-        self.end_headers()
-        self.wfile.write(b"bytes")
-
-    def log_message(self, *args: object) -> None:
-        pass
+from tests.helpers import counting_http_server
 
 
 @pytest.fixture
-def server() -> Iterator[int]:
-    Counter.hits = 0
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Counter)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd.server_address[1]
-    httpd.shutdown()
-    httpd.server_close()
+def server() -> Iterator[tuple[int, Callable[[], int]]]:
+    with counting_http_server() as running:
+        yield running
 
 
 class RawBytes:
@@ -58,30 +38,35 @@ def _fetch(url: str, allowed: list[str] | None = None) -> bytes:
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "127.1.2.3"])
-def test_loopback_is_never_contacted(server: int, host: str) -> None:
+def test_loopback_is_never_contacted(server: tuple[int, Callable[[], int]], host: str) -> None:
+    port, hits = server
     with pytest.raises(InternalAddress, match=r"is a loopback address .*--allowed-media-domains"):
-        _fetch(f"http://{host}:{server}/image.png")
-    assert Counter.hits == 0
+        _fetch(f"http://{host}:{port}/image.png")
+    assert hits() == 0
 
 
-def test_a_host_the_operator_allowed_is_fetched(server: int) -> None:
-    assert _fetch(f"http://127.0.0.1:{server}/image.png", ["127.0.0.1"]) == b"bytes"
-    assert Counter.hits == 1
+def test_a_host_the_operator_allowed_is_fetched(server: tuple[int, Callable[[], int]]) -> None:
+    port, hits = server
+    assert _fetch(f"http://127.0.0.1:{port}/image.png", ["127.0.0.1"]) == b"bytes"
+    assert hits() == 1
 
 
-def test_the_connection_itself_checks_what_a_name_resolves_to(server: int) -> None:
+def test_the_connection_itself_checks_what_a_name_resolves_to(
+    server: tuple[int, Callable[[], int]],
+) -> None:
+    port, hits = server
     # A name that resolved to a public address at the first check and to an internal one
     # at connect time (DNS rebinding) meets the resolver's check: call past the first.
     connector = _connector_class()()
 
     async def fetch() -> bytes:
         return await connector.connection.async_get_bytes(
-            f"http://localhost:{server}/image.png", timeout=5
+            f"http://localhost:{port}/image.png", timeout=5
         )
 
     with pytest.raises(Exception, match="loopback address"):
         asyncio.run(fetch())
-    assert Counter.hits == 0
+    assert hits() == 0
 
 
 @pytest.mark.parametrize(
