@@ -71,6 +71,7 @@ def unload_everywhere(name: str) -> bool:
         try:
             urllib.request.urlopen(request, timeout=5).close()
         except urllib.error.HTTPError as e:
+            e.close()
             if e.code != 404:  # 404: it never had it
                 log.warning("adapter %r: engine %s did not unload it (%s)", name, url, e.code)
                 return False

@@ -43,7 +43,8 @@ def http_json(
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             status, headers, raw = resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as e:
-        status, headers, raw = e.code, dict(e.headers), e.read()
+        with e:  # else its socket lives until a garbage collection, held open toward the server
+            status, headers, raw = e.code, dict(e.headers), e.read()
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return 0, {}, None
     try:

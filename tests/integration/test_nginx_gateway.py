@@ -219,18 +219,20 @@ def test_malformed_requests_get_json_errors(front) -> None:
 def test_one_client_has_at_most_its_share_in_flight(front) -> None:
     base, _, _ = front
     host, port = base.removeprefix("http://").split(":")
-    # Two requests held open in their body (nginx counts them from their headers on).
-    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    # Two requests held open in their body. nginx counts a request from its headers on and
+    # answers 100 Continue only once it reads the body, past the count: waiting for it
+    # keeps the third request from racing the held ones to another nginx worker.
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n"
+    )
     held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]
     try:
         for conn in held:
-            conn.sendall(head + b"{")
-
-        def third_refused() -> bool:
-            status, _, body = http_json(base + "/predict", {"instances": [{"prompt": "a"}]})
-            return status == 429 and "at most 2 from one client" in body["error"]["message"]
-
-        wait_for(third_refused, 10, "a third request from this client to get 429")
+            conn.sendall(head)
+            assert conn.recv(100).startswith(b"HTTP/1.1 100 Continue")
+            conn.sendall(b"{")
+        status, _, body = http_json(base + "/predict", {"instances": [{"prompt": "a"}]})
+        assert status == 429 and "at most 2 from one client" in body["error"]["message"], body
     finally:
         for conn in held:
             conn.close()
