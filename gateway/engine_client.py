@@ -98,12 +98,23 @@ async def open_stream(
     Leaving the block early (a client gone, a deadline) closes the connection,
     and vLLM stops the generation.
     """
+    data, headers = orjson.dumps(payload), _headers(request_id)
     try:
-        async with session.post(
-            BASE_URL + path, data=orjson.dumps(payload), headers=_headers(request_id)
-        ) as resp:
+        async with await _post(session, BASE_URL + path, data, headers) as resp:
             if resp.status != 200:
                 raise _engine_error(resp.status, await resp.read(), where)
             yield resp.content
     except aiohttp.ClientError as e:
         raise _unreachable(e, where) from None
+
+
+async def _post(
+    session: aiohttp.ClientSession, url: str, data: bytes, headers: dict[str, str]
+) -> aiohttp.ClientResponse:
+    """Sent again, once, when the connection closed before any answer: a kept-alive
+    connection that an nginx worker closed as it reloaded (nginx answers 502 for an
+    engine that failed, so the request reached none)."""
+    try:
+        return await session.post(url, data=data, headers=headers)
+    except aiohttp.ServerDisconnectedError:
+        return await session.post(url, data=data, headers=headers)
