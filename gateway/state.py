@@ -33,15 +33,6 @@ class ReplicaState:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def classify(process_state: str | None, healthy: bool) -> str:
-    """A replica's state from supervisord's process state and the engine's /health."""
-    if process_state == "RUNNING" and healthy:
-        return READY
-    if process_state in ("STARTING", "RUNNING"):
-        return STARTING
-    return DOWN
-
-
 def write_state(path: Path, replicas: list[ReplicaState], now: float | None = None) -> None:
     body = {"updated": time.time() if now is None else now}
     body["replicas"] = [r.public() for r in replicas]

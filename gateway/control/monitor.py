@@ -1,11 +1,14 @@
 """The health monitor: one process that watches every engine replica.
 
 Each second it asks supervisord which engine processes run and each engine's
-/health whether it answers, writes the verdict for the gateway workers, and
-keeps nginx's engines upstream to the ready replicas (rewrite and reload),
-because a starting vLLM accepts connections long before it can answer them.
-A replica is reported ready only once nginx routes to it: Vertex and Kubernetes
-send traffic as soon as health says 200.
+/health whether it answers, and every few seconds each ready engine's metrics
+whether it makes progress; gateway/control/liveness.py turns that into a
+verdict (rise and fall, hung, stalled). It writes the verdict for the gateway
+workers, keeps nginx's engines upstream to the ready replicas (rewrite and
+reload), because a starting vLLM accepts connections long before it can answer
+them, and kills a hung or stalled replica's process group (supervisord starts
+it again). A replica is reported ready only once nginx routes to it: Vertex and
+Kubernetes send traffic as soon as health says 200.
 
 A replica that keeps exiting before it ever got ready is `failed` with its
 cause and is not restarted again; when every replica has failed (or the model
@@ -18,9 +21,12 @@ out its 2 h deployment timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import logging
 import os
+import signal
 import time
 import xmlrpc.client
 from dataclasses import replace
@@ -33,15 +39,16 @@ from engine.failures import StartWatch
 from engine.fetch_model import DOWNLOAD_FAILED
 from engine.launch import read_exits
 from engine.workers import EngineWorker, load_workers
+from gateway.control.liveness import Progress, ReplicaWatch, read_progress
 from gateway.control.nginx_config import write_upstream
 from gateway.engine_schema import SCHEMA_FILE, fetch_schema
 from gateway.state import (
     FAILED,
     READY,
+    STALE_AFTER_S,
     STARTING,
     STATE_FILE,
     ReplicaState,
-    classify,
     write_state,
 )
 
@@ -49,6 +56,7 @@ log = logging.getLogger("vgate.monitor")
 
 POLL_INTERVAL_S = 1.0
 HEALTH_TIMEOUT_S = 1.0
+PROGRESS_EVERY = 5  # polls between two looks at the engines' metrics
 RELOAD_DEADLINE_S = 10.0
 GENERATION_URL = "http://internal/vgate/upstream-generation"
 FATAL_FILE = "fatal.json"  # why the run ended: read by `vgate serve` as it exits
@@ -61,11 +69,11 @@ class Supervisor:
         transport = SupervisorTransport(None, None, f"unix://{run_dir}/supervisor.sock")
         self._proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
-    def engine_states(self) -> dict[int, str]:
-        """{replica: supervisord state name} of the engine programs."""
+    def engine_states(self) -> dict[int, tuple[str, int]]:
+        """{replica: (supervisord state name, pid)} of the engine programs."""
         infos = self._proxy.supervisor.getAllProcessInfo()
         return {
-            int(p["name"].rsplit("-", 1)[1]): p["statename"]
+            int(p["name"].rsplit("-", 1)[1]): (p["statename"], p["pid"])
             for p in infos
             if p["group"] == "engine"
         }
@@ -88,19 +96,73 @@ async def engine_healthy(session: aiohttp.ClientSession, worker: EngineWorker) -
         return False
 
 
+async def engine_progress(session: aiohttp.ClientSession, worker: EngineWorker) -> Progress | None:
+    try:
+        async with session.get(worker.url + "/metrics") as resp:
+            return read_progress(await resp.text()) if resp.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+
+
 async def poll_once(
-    session: aiohttp.ClientSession, supervisor: Supervisor, workers: list[EngineWorker]
+    session: aiohttp.ClientSession,
+    supervisor: Supervisor,
+    workers: list[EngineWorker],
+    watches: dict[int, ReplicaWatch],
+    look_at_progress: bool,
 ) -> list[ReplicaState]:
+    """Probe every replica; restart those that hang or stall."""
     try:
         processes = await asyncio.to_thread(supervisor.engine_states)
     except (OSError, xmlrpc.client.Error) as e:
         log.warning("supervisord did not answer: %s", e)
         processes = {}
     healthy = await asyncio.gather(*(engine_healthy(session, w) for w in workers))
-    return [
-        ReplicaState(w.replica, classify(processes.get(w.replica), ok), w.device)
-        for w, ok in zip(workers, healthy, strict=True)
-    ]
+    now = time.monotonic()
+    states = []
+    for w, ok in zip(workers, healthy, strict=True):
+        process, pid = processes.get(w.replica, (None, 0))
+        states.append(ReplicaState(w.replica, watches[w.replica].probe(now, process, ok), w.device))
+    if look_at_progress:
+        routed = [w for w in workers if watches[w.replica].routed]
+        seen = await asyncio.gather(*(engine_progress(session, w) for w in routed))
+        for w, progress in zip(routed, seen, strict=True):
+            watches[w.replica].progress(now, progress)
+    for w in workers:
+        reason = watches[w.replica].restart_reason(now)
+        process, pid = processes.get(w.replica, (None, 0))
+        if reason and process == "RUNNING" and pid:
+            log.error("replica %d (%s): restarting: %s", w.replica, w.device, reason)
+            kill_group(pid)
+            watches[w.replica] = ReplicaWatch()
+            states[w.replica] = replace(states[w.replica], state=STARTING)
+    return states
+
+
+def kill_group(pid: int) -> None:
+    """The replica's whole process group (launcher, vLLM server, engine core): stopped or
+    deadlocked processes take no gentler signal; supervisord starts it again."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def watches_from(run_dir: Path, workers: list[EngineWorker]) -> dict[int, ReplicaWatch]:
+    """A restarted monitor keeps routing what the last one routed (a fresh verdict), so
+    health does not turn 503 for everyone while it probes again."""
+    watches = {w.replica: ReplicaWatch() for w in workers}
+    try:
+        body = json.loads((run_dir / STATE_FILE).read_text())
+        if time.time() - body["updated"] > STALE_AFTER_S:
+            return watches
+        now = time.monotonic()
+        for r in body["replicas"]:
+            if r["state"] == READY and r["replica"] in watches:
+                watches[r["replica"]] = ReplicaWatch(
+                    routed=True, good=2, ready_since_start=True, last_answer=now
+                )
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return watches
 
 
 def _not_ready_unless(replicas: list[ReplicaState], allowed: set[int]) -> list[ReplicaState]:
@@ -225,6 +287,7 @@ async def run(run_dir: Path) -> None:
     applied: set[int] | None = None  # the set nginx's upstream file was last loaded with
     previous: dict[int, str] = {}
     watch = StartWatch()
+    watches = watches_from(run_dir, workers)
     stopped: set[int] = set()  # failed replicas, no longer restarted
     timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
     # A new connection each time: a kept-alive one may still reach a worker of the old config.
@@ -233,8 +296,11 @@ async def run(run_dir: Path) -> None:
         aiohttp.ClientSession(timeout=timeout) as session,
         aiohttp.ClientSession(connector=internal_socket, timeout=timeout) as internal,
     ):
-        while True:
-            replicas = with_failures(run_dir, await poll_once(session, supervisor, workers), watch)
+        for polls in itertools.count():
+            probed = await poll_once(
+                session, supervisor, workers, watches, polls % PROGRESS_EVERY == 0
+            )
+            replicas = with_failures(run_dir, probed, watch)
             if not (run_dir / SCHEMA_FILE).exists():
                 replicas = await _with_schema(session, workers, replicas, run_dir)
             ready = {r.replica for r in replicas if r.state == READY}
