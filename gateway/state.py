@@ -15,8 +15,9 @@ import orjson
 from engine.files import write_atomic
 
 STATE_FILE = "state.json"
-# The monitor writes every second; older than this, it is not reporting.
-STALE_AFTER_S = 10.0
+# The monitor writes every second; older than this, it is not reporting. Generous: a
+# monitor slowed by a busy machine is not a reason for every caller to get 503.
+STALE_AFTER_S = 30.0
 
 STARTING, READY, DOWN, FAILED = "starting", "ready", "down", "failed"
 

@@ -44,7 +44,8 @@ class ReplicaWatch:
     ready_since_start: bool = False
     last_answer: float = 0.0
     steps: float | None = None
-    steps_at: float = 0.0
+    steps_at: float = 0.0  # when the steps last moved (or nothing was pending)
+    sampled_at: float = 0.0
 
     def probe(self, now: float, process_state: str | None, answered: bool) -> str:
         """One poll's probe; the replica's state for routing and /health."""
@@ -65,6 +66,7 @@ class ReplicaWatch:
         """A metrics sample (None: none could be read, which the probe covers)."""
         if seen is None:
             return
+        self.sampled_at = now
         if self.steps is None or seen.steps != self.steps or seen.pending == 0:
             self.steps, self.steps_at = seen.steps, now
 
@@ -72,10 +74,11 @@ class ReplicaWatch:
         """Why this replica must be restarted now, if it must."""
         if self.ready_since_start and self.bad and now - self.last_answer >= HUNG_AFTER_S:
             return f"its /health has not answered for {now - self.last_answer:.0f} s"
-        if self.steps is not None and now - self.steps_at >= STALLED_AFTER_S:
-            return (
-                f"requests are pending and its engine made no step for {now - self.steps_at:.0f} s"
-            )
+        # What the samples show, not the time since: a monitor that was held up itself
+        # has seen nothing stall.
+        stalled = self.sampled_at - self.steps_at
+        if self.steps is not None and stalled >= STALLED_AFTER_S:
+            return f"requests are pending and its engine made no step for {stalled:.0f} s"
         return None
 
 

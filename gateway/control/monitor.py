@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import os
@@ -56,7 +55,9 @@ log = logging.getLogger("vgate.monitor")
 
 POLL_INTERVAL_S = 1.0
 HEALTH_TIMEOUT_S = 1.0
-PROGRESS_EVERY = 5  # polls between two looks at the engines' metrics
+PROGRESS_EVERY_S = 5.0  # between two looks at the engines' metrics
+RPC_TIMEOUT_S = 5.0
+SLOW_POLL_S = 5.0
 RELOAD_DEADLINE_S = 10.0
 GENERATION_URL = "http://internal/vgate/upstream-generation"
 FATAL_FILE = "fatal.json"  # why the run ended: read by `vgate serve` as it exits
@@ -113,9 +114,10 @@ async def poll_once(
 ) -> list[ReplicaState]:
     """Probe every replica; restart those that hang or stall."""
     try:
-        processes = await asyncio.to_thread(supervisor.engine_states)
-    except (OSError, xmlrpc.client.Error) as e:
-        log.warning("supervisord did not answer: %s", e)
+        async with asyncio.timeout(RPC_TIMEOUT_S):
+            processes = await asyncio.to_thread(supervisor.engine_states)
+    except (OSError, xmlrpc.client.Error, TimeoutError) as e:
+        log.warning("supervisord did not answer: %r", e)
         processes = {}
     healthy = await asyncio.gather(*(engine_healthy(session, w) for w in workers))
     now = time.monotonic()
@@ -265,8 +267,9 @@ async def apply_upstream(
     generation = str(time.time_ns())
     write_upstream(run_dir, workers, ready, generation)
     try:
-        await asyncio.to_thread(supervisor.reload_nginx)
-    except (OSError, xmlrpc.client.Error) as e:
+        async with asyncio.timeout(RPC_TIMEOUT_S):
+            await asyncio.to_thread(supervisor.reload_nginx)
+    except (OSError, xmlrpc.client.Error, TimeoutError) as e:
         # nginx not running yet: it reads the file when it starts; retry.
         log.info("nginx reload deferred: %s", e)
         return False
@@ -296,10 +299,12 @@ async def run(run_dir: Path) -> None:
         aiohttp.ClientSession(timeout=timeout) as session,
         aiohttp.ClientSession(connector=internal_socket, timeout=timeout) as internal,
     ):
-        for polls in itertools.count():
-            probed = await poll_once(
-                session, supervisor, workers, watches, polls % PROGRESS_EVERY == 0
-            )
+        looked = 0.0
+        while True:
+            started = time.monotonic()
+            look = started - looked >= PROGRESS_EVERY_S
+            looked = started if look else looked
+            probed = await poll_once(session, supervisor, workers, watches, look)
             replicas = with_failures(run_dir, probed, watch)
             if not (run_dir / SCHEMA_FILE).exists():
                 replicas = await _with_schema(session, workers, replicas, run_dir)
@@ -316,6 +321,8 @@ async def run(run_dir: Path) -> None:
                 if previous.get(r.replica) != r.state:
                     log.warning("replica %d (%s): %s", r.replica, r.device, r.state)
             previous = {r.replica: r.state for r in replicas}
+            if (took := time.monotonic() - started) > SLOW_POLL_S:
+                log.warning("a poll took %.1f s", took)
             await asyncio.sleep(POLL_INTERVAL_S)
 
 

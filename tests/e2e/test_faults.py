@@ -125,14 +125,26 @@ def _all_ready(stack: Stack) -> bool:
     return status == 200 and health["ready_replicas"] == 2
 
 
-def _under_fault(stack: Stack, inject: Callable[[], None], name: str) -> dict[str, float]:
-    """Inject under load; the figures of the window; fails on a request past its deadline."""
+def _under_fault(
+    stack: Stack,
+    inject: Callable[[], None],
+    name: str,
+    seen: Callable[[], bool] | None = None,
+) -> dict[str, float]:
+    """Inject under load; the figures of the window; fails on a request past its deadline.
+
+    `seen`: true once the stack has noticed the fault (then it must recover from it).
+    """
     load = Load(stack.base)
     load.run()
     try:
         time.sleep(3)  # the load runs before the fault: not a wait for anything
         start = time.monotonic()
         inject()
+        detected = 0.0
+        if seen is not None:
+            wait_for(seen, RECOVERY_DEADLINE_S, f"{name} to be noticed", every=0.2)
+            detected = time.monotonic() - start
         wait_for(lambda: _all_ready(stack), RECOVERY_DEADLINE_S, f"recovery from {name}")
         recovered = time.monotonic() - start
         while time.monotonic() - start < WINDOW_S:
@@ -141,12 +153,23 @@ def _under_fault(stack: Stack, inject: Callable[[], None], name: str) -> dict[st
         load.stop()
     during = [o for o in load.outcomes if o.sent >= start]
     failed = [o for o in during if not o.ok]
-    figures = {"sent": len(during), "failed": len(failed), "recovered_s": round(recovered, 1)}
+    figures = {
+        "sent": len(during),
+        "failed": len(failed),
+        "out_of_routing_s": round(detected, 1),
+        "ready_again_s": round(recovered, 1),
+    }
     print(f"\nfault {name}: {figures}; failures: {[o.what for o in failed[:5]]}")
     slowest = max(o.ended - o.sent for o in load.outcomes)
     assert slowest <= REQUEST_TIMEOUT_S + 10, f"a request took {slowest:.0f} s"
     assert during, "no request was sent during the fault"
     return figures
+
+
+def _out(stack: Stack, replica: int) -> bool:
+    """The replica is out of routing (/health no longer counts it ready)."""
+    _, health = stack.request("/health", timeout=5)
+    return health["replicas"][replica]["state"] != "ready"
 
 
 def _engine_server(stack: Stack, replica: int) -> psutil.Process:
@@ -181,7 +204,9 @@ def test_a_hung_engine_is_taken_out_and_restarted(faulty: Stack, fault: str, fin
     wait_for(lambda: _all_ready(faulty), RECOVERY_DEADLINE_S, "both replicas")
     target = find(faulty, 0)
     try:
-        figures = _under_fault(faulty, lambda: target.send_signal(signal.SIGSTOP), fault)
+        figures = _under_fault(
+            faulty, lambda: target.send_signal(signal.SIGSTOP), fault, lambda: _out(faulty, 0)
+        )
         assert not target.is_running() or target.status() == psutil.STATUS_ZOMBIE
     finally:
         if target.is_running():

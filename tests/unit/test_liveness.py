@@ -70,6 +70,15 @@ def test_pending_work_without_an_engine_step_is_a_stall() -> None:
     assert watch.restart_reason(STALLED_AFTER_S).startswith("requests are pending")
 
 
+def test_a_gap_between_samples_is_not_a_stall() -> None:
+    watch = ReplicaWatch()
+    _ready(watch)
+    watch.progress(0, Progress(pending=4, steps=100))
+    assert watch.restart_reason(STALLED_AFTER_S + 60) is None  # the monitor was held up
+    watch.progress(STALLED_AFTER_S + 60, Progress(pending=4, steps=180))
+    assert watch.restart_reason(STALLED_AFTER_S + 60) is None
+
+
 def test_steps_or_an_empty_queue_are_not_a_stall() -> None:
     watch = ReplicaWatch()
     _ready(watch)
