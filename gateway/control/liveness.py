@@ -73,7 +73,7 @@ class ReplicaWatch:
     def restart_reason(self, now: float) -> str | None:
         """Why this replica must be restarted now, if it must."""
         if self.ready_since_start and self.bad and now - self.last_answer >= HUNG_AFTER_S:
-            return f"its /health has not answered for {now - self.last_answer:.0f} s"
+            return f"no answer to its health probe for {now - self.last_answer:.0f} s"
         # What the samples show, not the time since: a monitor that was held up itself
         # has seen nothing stall.
         stalled = self.sampled_at - self.steps_at

@@ -38,6 +38,7 @@ from engine.failures import StartWatch
 from engine.fetch_model import DOWNLOAD_FAILED
 from engine.launch import read_exits
 from engine.workers import EngineWorker, load_workers
+from gateway.control.gateway_watch import watch_gateways
 from gateway.control.liveness import Progress, ReplicaWatch, read_progress
 from gateway.control.nginx_config import write_upstream
 from gateway.engine_schema import SCHEMA_FILE, fetch_schema
@@ -72,11 +73,18 @@ class Supervisor:
 
     def engine_states(self) -> dict[int, tuple[str, int]]:
         """{replica: (supervisord state name, pid)} of the engine programs."""
+        return self._states("engine")
+
+    def gateway_states(self) -> dict[int, tuple[str, int]]:
+        """{worker: (supervisord state name, pid)} of the gateway workers."""
+        return self._states("gateway")
+
+    def _states(self, group: str) -> dict[int, tuple[str, int]]:
         infos = self._proxy.supervisor.getAllProcessInfo()
         return {
             int(p["name"].rsplit("-", 1)[1]): (p["statename"], p["pid"])
             for p in infos
-            if p["group"] == "engine"
+            if p["group"] == group
         }
 
     def reload_nginx(self) -> None:
@@ -299,8 +307,16 @@ async def run(run_dir: Path) -> None:
         aiohttp.ClientSession(timeout=timeout) as session,
         aiohttp.ClientSession(connector=internal_socket, timeout=timeout) as internal,
     ):
+        gateways = asyncio.create_task(
+            watch_gateways(
+                run_dir, supervisor.gateway_states, int(os.environ["VGATE_GATEWAY_WORKERS"])
+            )
+        )
+        gateways.add_done_callback(
+            lambda t: t.cancelled() or log.error("gateway watch ended: %r", t.exception())
+        )
         looked = 0.0
-        while True:
+        while not gateways.done():  # the watchdog never ends; if it fails, so does this
             started = time.monotonic()
             look = started - looked >= PROGRESS_EVERY_S
             looked = started if look else looked
@@ -324,6 +340,7 @@ async def run(run_dir: Path) -> None:
             if (took := time.monotonic() - started) > SLOW_POLL_S:
                 log.warning("a poll took %.1f s", took)
             await asyncio.sleep(POLL_INTERVAL_S)
+        gateways.result()
 
 
 def main() -> None:

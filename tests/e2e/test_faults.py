@@ -244,3 +244,27 @@ def test_a_killed_nginx_master_comes_back(faulty: Stack) -> None:
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
     assert int((faulty.run_dir / "nginx.pid").read_text()) != master
     assert figures["failed"] <= MAX_FAILED_SHARE * figures["sent"], figures
+
+
+def test_a_hung_gateway_worker_is_restarted(faulty: Stack) -> None:
+    wait_for(lambda: _all_ready(faulty), RECOVERY_DEADLINE_S, "both replicas")
+    worker = psutil.Process(_program_pid(faulty, "worker"))
+
+    def gone() -> bool:
+        return not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+
+    try:
+        figures = _under_fault(
+            faulty, lambda: worker.send_signal(signal.SIGSTOP), "SIGSTOP gateway worker", gone
+        )
+    finally:
+        if not gone():
+            worker.send_signal(signal.SIGCONT)
+    assert (
+        _program_pid(faulty, "worker") != worker.pid
+        or len(
+            [p for p in descendants(faulty.proc.pid) if "gateway.worker" in " ".join(p.cmdline())]
+        )
+        == 2
+    )
+    assert figures["failed"] <= MAX_FAILED_SHARE * figures["sent"], figures

@@ -50,7 +50,7 @@ def test_a_ready_replica_that_stops_answering_is_restarted() -> None:
         watch.probe(t, "RUNNING", False)
         assert watch.restart_reason(t) is None
     watch.probe(last + HUNG_AFTER_S, "RUNNING", False)
-    assert watch.restart_reason(last + HUNG_AFTER_S) == "its /health has not answered for 20 s"
+    assert watch.restart_reason(last + HUNG_AFTER_S) == "no answer to its health probe for 20 s"
 
 
 def test_a_loading_engine_is_never_hung() -> None:
