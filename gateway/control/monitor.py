@@ -119,14 +119,21 @@ async def poll_once(
     workers: list[EngineWorker],
     watches: dict[int, ReplicaWatch],
     look_at_progress: bool,
+    known: dict[int, tuple[str, int]],
 ) -> list[ReplicaState]:
-    """Probe every replica; restart those that hang or stall."""
+    """Probe every replica; restart those that hang or stall.
+
+    `known`: the engines' process states as supervisord last gave them.
+    """
     try:
         async with asyncio.timeout(RPC_TIMEOUT_S):
             processes = await asyncio.to_thread(supervisor.engine_states)
+        known.clear()
+        known.update(processes)
     except (OSError, xmlrpc.client.Error, TimeoutError) as e:
+        # A busy supervisord says nothing about the engines: keep what it said last.
         log.warning("supervisord did not answer: %r", e)
-        processes = {}
+        processes = dict(known)
     healthy = await asyncio.gather(*(engine_healthy(session, w) for w in workers))
     now = time.monotonic()
     states = []
@@ -299,6 +306,7 @@ async def run(run_dir: Path) -> None:
     previous: dict[int, str] = {}
     watch = StartWatch()
     watches = watches_from(run_dir, workers)
+    known: dict[int, tuple[str, int]] = {}
     stopped: set[int] = set()  # failed replicas, no longer restarted
     timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
     # A new connection each time: a kept-alive one may still reach a worker of the old config.
@@ -320,7 +328,7 @@ async def run(run_dir: Path) -> None:
             started = time.monotonic()
             look = started - looked >= PROGRESS_EVERY_S
             looked = started if look else looked
-            probed = await poll_once(session, supervisor, workers, watches, look)
+            probed = await poll_once(session, supervisor, workers, watches, look, known)
             replicas = with_failures(run_dir, probed, watch)
             if not (run_dir / SCHEMA_FILE).exists():
                 replicas = await _with_schema(session, workers, replicas, run_dir)
