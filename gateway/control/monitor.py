@@ -65,11 +65,20 @@ FATAL_FILE = "fatal.json"  # why the run ended: read by `vgate serve` as it exit
 
 
 class Supervisor:
-    """supervisord's XML-RPC interface, over its unix socket."""
+    """supervisord's XML-RPC interface, over its unix socket.
+
+    A connection per call: calls come from several threads (the engines' poll, the
+    gateways' watchdog, and calls abandoned at their deadline that still run), and
+    one xmlrpc connection must not be shared by them.
+    """
 
     def __init__(self, run_dir: Path):
-        transport = SupervisorTransport(None, None, f"unix://{run_dir}/supervisor.sock")
-        self._proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+        self._socket = f"unix://{run_dir}/supervisor.sock"
+
+    @property
+    def _proxy(self) -> xmlrpc.client.ServerProxy:
+        transport = SupervisorTransport(None, None, self._socket)
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
     def engine_states(self) -> dict[int, tuple[str, int]]:
         """{replica: (supervisord state name, pid)} of the engine programs."""
