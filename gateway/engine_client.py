@@ -6,6 +6,7 @@ predict alike. Errors become ApiErrors that say what happened.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +17,7 @@ import orjson
 from gateway.errors import ApiError
 from gateway.metrics import UPSTREAM_ERRORS
 
+RECONNECT_AFTER_S = 0.5
 # nginx's internal listener is a unix socket; the host name is only a label.
 BASE_URL = "http://engines"
 
@@ -98,12 +100,27 @@ async def open_stream(
     Leaving the block early (a client gone, a deadline) closes the connection,
     and vLLM stops the generation.
     """
+    data, headers = orjson.dumps(payload), _headers(request_id)
     try:
-        async with session.post(
-            BASE_URL + path, data=orjson.dumps(payload), headers=_headers(request_id)
-        ) as resp:
+        async with await _post(session, BASE_URL + path, data, headers) as resp:
             if resp.status != 200:
                 raise _engine_error(resp.status, await resp.read(), where)
             yield resp.content
     except aiohttp.ClientError as e:
         raise _unreachable(e, where) from None
+
+
+async def _post(
+    session: aiohttp.ClientSession, url: str, data: bytes, headers: dict[str, str]
+) -> aiohttp.ClientResponse:
+    """Sent again, once, when nginx did not take it: a kept-alive connection that an
+    nginx worker closed as it reloaded (nginx answers 502 for an engine that failed, so
+    the request reached none), or nginx's internal socket not there for a moment while
+    a new master takes over from one that died."""
+    try:
+        return await session.post(url, data=data, headers=headers)
+    except aiohttp.ServerDisconnectedError:
+        return await session.post(url, data=data, headers=headers)
+    except aiohttp.ClientConnectorError:
+        await asyncio.sleep(RECONNECT_AFTER_S)
+        return await session.post(url, data=data, headers=headers)

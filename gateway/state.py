@@ -15,8 +15,9 @@ import orjson
 from engine.files import write_atomic
 
 STATE_FILE = "state.json"
-# The monitor writes every second; older than this, it is not reporting.
-STALE_AFTER_S = 10.0
+# The monitor writes every second; older than this, it is not reporting. Generous: a
+# monitor slowed by a busy machine is not a reason for every caller to get 503.
+STALE_AFTER_S = 30.0
 
 STARTING, READY, DOWN, FAILED = "starting", "ready", "down", "failed"
 
@@ -31,15 +32,6 @@ class ReplicaState:
     def public(self) -> dict[str, object]:
         """As /health shows it: the cause only when there is one."""
         return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-def classify(process_state: str | None, healthy: bool) -> str:
-    """A replica's state from supervisord's process state and the engine's /health."""
-    if process_state == "RUNNING" and healthy:
-        return READY
-    if process_state in ("STARTING", "RUNNING"):
-        return STARTING
-    return DOWN
 
 
 def write_state(path: Path, replicas: list[ReplicaState], now: float | None = None) -> None:

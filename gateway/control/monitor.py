@@ -1,11 +1,14 @@
 """The health monitor: one process that watches every engine replica.
 
 Each second it asks supervisord which engine processes run and each engine's
-/health whether it answers, writes the verdict for the gateway workers, and
-keeps nginx's engines upstream to the ready replicas (rewrite and reload),
-because a starting vLLM accepts connections long before it can answer them.
-A replica is reported ready only once nginx routes to it: Vertex and Kubernetes
-send traffic as soon as health says 200.
+/health whether it answers, and every few seconds each ready engine's metrics
+whether it makes progress; gateway/control/liveness.py turns that into a
+verdict (rise and fall, hung, stalled). It writes the verdict for the gateway
+workers, keeps nginx's engines upstream to the ready replicas (rewrite and
+reload), because a starting vLLM accepts connections long before it can answer
+them, and kills a hung or stalled replica's process group (supervisord starts
+it again). A replica is reported ready only once nginx routes to it: Vertex and
+Kubernetes send traffic as soon as health says 200.
 
 A replica that keeps exiting before it ever got ready is `failed` with its
 cause and is not restarted again; when every replica has failed (or the model
@@ -18,9 +21,11 @@ out its 2 h deployment timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import time
 import xmlrpc.client
 from dataclasses import replace
@@ -33,15 +38,17 @@ from engine.failures import StartWatch
 from engine.fetch_model import DOWNLOAD_FAILED
 from engine.launch import read_exits
 from engine.workers import EngineWorker, load_workers
+from gateway.control.gateway_watch import watch_gateways
+from gateway.control.liveness import Progress, ReplicaWatch, read_progress
 from gateway.control.nginx_config import write_upstream
 from gateway.engine_schema import SCHEMA_FILE, fetch_schema
 from gateway.state import (
     FAILED,
     READY,
+    STALE_AFTER_S,
     STARTING,
     STATE_FILE,
     ReplicaState,
-    classify,
     write_state,
 )
 
@@ -49,25 +56,44 @@ log = logging.getLogger("vgate.monitor")
 
 POLL_INTERVAL_S = 1.0
 HEALTH_TIMEOUT_S = 1.0
+PROGRESS_EVERY_S = 5.0  # between two looks at the engines' metrics
+RPC_TIMEOUT_S = 5.0
+SLOW_POLL_S = 5.0
 RELOAD_DEADLINE_S = 10.0
 GENERATION_URL = "http://internal/vgate/upstream-generation"
 FATAL_FILE = "fatal.json"  # why the run ended: read by `vgate serve` as it exits
 
 
 class Supervisor:
-    """supervisord's XML-RPC interface, over its unix socket."""
+    """supervisord's XML-RPC interface, over its unix socket.
+
+    A connection per call: calls come from several threads (the engines' poll, the
+    gateways' watchdog, and calls abandoned at their deadline that still run), and
+    one xmlrpc connection must not be shared by them.
+    """
 
     def __init__(self, run_dir: Path):
-        transport = SupervisorTransport(None, None, f"unix://{run_dir}/supervisor.sock")
-        self._proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+        self._socket = f"unix://{run_dir}/supervisor.sock"
 
-    def engine_states(self) -> dict[int, str]:
-        """{replica: supervisord state name} of the engine programs."""
+    @property
+    def _proxy(self) -> xmlrpc.client.ServerProxy:
+        transport = SupervisorTransport(None, None, self._socket)
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+    def engine_states(self) -> dict[int, tuple[str, int]]:
+        """{replica: (supervisord state name, pid)} of the engine programs."""
+        return self._states("engine")
+
+    def gateway_states(self) -> dict[int, tuple[str, int]]:
+        """{worker: (supervisord state name, pid)} of the gateway workers."""
+        return self._states("gateway")
+
+    def _states(self, group: str) -> dict[int, tuple[str, int]]:
         infos = self._proxy.supervisor.getAllProcessInfo()
         return {
-            int(p["name"].rsplit("-", 1)[1]): p["statename"]
+            int(p["name"].rsplit("-", 1)[1]): (p["statename"], p["pid"])
             for p in infos
-            if p["group"] == "engine"
+            if p["group"] == group
         }
 
     def reload_nginx(self) -> None:
@@ -88,19 +114,81 @@ async def engine_healthy(session: aiohttp.ClientSession, worker: EngineWorker) -
         return False
 
 
-async def poll_once(
-    session: aiohttp.ClientSession, supervisor: Supervisor, workers: list[EngineWorker]
-) -> list[ReplicaState]:
+async def engine_progress(session: aiohttp.ClientSession, worker: EngineWorker) -> Progress | None:
     try:
-        processes = await asyncio.to_thread(supervisor.engine_states)
-    except (OSError, xmlrpc.client.Error) as e:
-        log.warning("supervisord did not answer: %s", e)
-        processes = {}
+        async with session.get(worker.url + "/metrics") as resp:
+            return read_progress(await resp.text()) if resp.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+
+
+async def poll_once(
+    session: aiohttp.ClientSession,
+    supervisor: Supervisor,
+    workers: list[EngineWorker],
+    watches: dict[int, ReplicaWatch],
+    look_at_progress: bool,
+    known: dict[int, tuple[str, int]],
+) -> list[ReplicaState]:
+    """Probe every replica; restart those that hang or stall.
+
+    `known`: the engines' process states as supervisord last gave them.
+    """
+    try:
+        async with asyncio.timeout(RPC_TIMEOUT_S):
+            processes = await asyncio.to_thread(supervisor.engine_states)
+        known.clear()
+        known.update(processes)
+    except (OSError, xmlrpc.client.Error, TimeoutError) as e:
+        # A busy supervisord says nothing about the engines: keep what it said last.
+        log.warning("supervisord did not answer: %r", e)
+        processes = dict(known)
     healthy = await asyncio.gather(*(engine_healthy(session, w) for w in workers))
-    return [
-        ReplicaState(w.replica, classify(processes.get(w.replica), ok), w.device)
-        for w, ok in zip(workers, healthy, strict=True)
-    ]
+    now = time.monotonic()
+    states = []
+    for w, ok in zip(workers, healthy, strict=True):
+        process, pid = processes.get(w.replica, (None, 0))
+        states.append(ReplicaState(w.replica, watches[w.replica].probe(now, process, ok), w.device))
+    if look_at_progress:
+        routed = [w for w in workers if watches[w.replica].routed]
+        seen = await asyncio.gather(*(engine_progress(session, w) for w in routed))
+        for w, progress in zip(routed, seen, strict=True):
+            watches[w.replica].progress(now, progress)
+    for w in workers:
+        reason = watches[w.replica].restart_reason(now)
+        process, pid = processes.get(w.replica, (None, 0))
+        if reason and process == "RUNNING" and pid:
+            log.error("replica %d (%s): restarting: %s", w.replica, w.device, reason)
+            kill_group(pid)
+            watches[w.replica] = ReplicaWatch()
+            states[w.replica] = replace(states[w.replica], state=STARTING)
+    return states
+
+
+def kill_group(pid: int) -> None:
+    """The replica's whole process group (launcher, vLLM server, engine core): stopped or
+    deadlocked processes take no gentler signal; supervisord starts it again."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def watches_from(run_dir: Path, workers: list[EngineWorker]) -> dict[int, ReplicaWatch]:
+    """A restarted monitor keeps routing what the last one routed (a fresh verdict), so
+    health does not turn 503 for everyone while it probes again."""
+    watches = {w.replica: ReplicaWatch() for w in workers}
+    try:
+        body = json.loads((run_dir / STATE_FILE).read_text())
+        if time.time() - body["updated"] > STALE_AFTER_S:
+            return watches
+        now = time.monotonic()
+        for r in body["replicas"]:
+            if r["state"] == READY and r["replica"] in watches:
+                watches[r["replica"]] = ReplicaWatch(
+                    routed=True, good=2, ready_since_start=True, last_answer=now
+                )
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return watches
 
 
 def _not_ready_unless(replicas: list[ReplicaState], allowed: set[int]) -> list[ReplicaState]:
@@ -203,8 +291,9 @@ async def apply_upstream(
     generation = str(time.time_ns())
     write_upstream(run_dir, workers, ready, generation)
     try:
-        await asyncio.to_thread(supervisor.reload_nginx)
-    except (OSError, xmlrpc.client.Error) as e:
+        async with asyncio.timeout(RPC_TIMEOUT_S):
+            await asyncio.to_thread(supervisor.reload_nginx)
+    except (OSError, xmlrpc.client.Error, TimeoutError) as e:
         # nginx not running yet: it reads the file when it starts; retry.
         log.info("nginx reload deferred: %s", e)
         return False
@@ -225,6 +314,8 @@ async def run(run_dir: Path) -> None:
     applied: set[int] | None = None  # the set nginx's upstream file was last loaded with
     previous: dict[int, str] = {}
     watch = StartWatch()
+    watches = watches_from(run_dir, workers)
+    known: dict[int, tuple[str, int]] = {}
     stopped: set[int] = set()  # failed replicas, no longer restarted
     timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
     # A new connection each time: a kept-alive one may still reach a worker of the old config.
@@ -233,8 +324,21 @@ async def run(run_dir: Path) -> None:
         aiohttp.ClientSession(timeout=timeout) as session,
         aiohttp.ClientSession(connector=internal_socket, timeout=timeout) as internal,
     ):
-        while True:
-            replicas = with_failures(run_dir, await poll_once(session, supervisor, workers), watch)
+        gateways = asyncio.create_task(
+            watch_gateways(
+                run_dir, supervisor.gateway_states, int(os.environ["VGATE_GATEWAY_WORKERS"])
+            )
+        )
+        gateways.add_done_callback(
+            lambda t: t.cancelled() or log.error("gateway watch ended: %r", t.exception())
+        )
+        looked = 0.0
+        while not gateways.done():  # the watchdog never ends; if it fails, so does this
+            started = time.monotonic()
+            look = started - looked >= PROGRESS_EVERY_S
+            looked = started if look else looked
+            probed = await poll_once(session, supervisor, workers, watches, look, known)
+            replicas = with_failures(run_dir, probed, watch)
             if not (run_dir / SCHEMA_FILE).exists():
                 replicas = await _with_schema(session, workers, replicas, run_dir)
             ready = {r.replica for r in replicas if r.state == READY}
@@ -250,7 +354,10 @@ async def run(run_dir: Path) -> None:
                 if previous.get(r.replica) != r.state:
                     log.warning("replica %d (%s): %s", r.replica, r.device, r.state)
             previous = {r.replica: r.state for r in replicas}
+            if (took := time.monotonic() - started) > SLOW_POLL_S:
+                log.warning("a poll took %.1f s", took)
             await asyncio.sleep(POLL_INTERVAL_S)
+        gateways.result()
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -202,6 +203,21 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
     return run_dir, env
 
 
+def open_files_target(soft: int, hard: int) -> int:
+    """The soft limit on open files to run with: all the host allows (each connection
+    through nginx takes two descriptors, and container runtimes often start at 1024)."""
+    if hard == resource.RLIM_INFINITY:
+        return max(soft, 1 << 20) if soft != resource.RLIM_INFINITY else soft
+    return max(soft, hard)
+
+
+def raise_open_files() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = open_files_target(soft, hard)
+    if target != soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def supervise(run_dir: Path, env: dict[str, str]) -> int:
     """Run supervisord until it stops; exit 1 with the cause if the run could not serve.
 
@@ -209,6 +225,7 @@ def supervise(run_dir: Path, env: dict[str, str]) -> int:
     that ends is reaped: in a container this process is PID 1, and orphans of
     vLLM's processes come to it.
     """
+    raise_open_files()  # every process inherits it
     conf = str(REPO / "supervisord.conf")
     argv = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", conf]
     child = subprocess.Popen(argv, env=env)

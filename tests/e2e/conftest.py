@@ -188,19 +188,21 @@ SERVE = [sys.executable, "-m", "gateway.control.cli", "serve"]
 
 @contextlib.contextmanager
 def one_replica_stack(
-    work: Path, args: list[str], env: dict[str, str] | None = None
+    work: Path, args: list[str], env: dict[str, str] | None = None, replicas: int = 1
 ) -> Iterator[Stack]:
-    """`vgate serve ARGS` with one replica on a free loopback port, ready; stopped on exit."""
+    """`vgate serve ARGS` with one replica (or `replicas`) on a free loopback port, ready;
+    stopped on exit."""
     port = free_port()
     argv = [*SERVE, *args, "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--run-dir", str(work / "run"), "--replicas", "1"]
+    argv += ["--run-dir", str(work / "run"), "--replicas", str(replicas)]
     log = work / "stack.log"
     proc = spawn(argv, log, {**os.environ, **(env or {})})
     stack = Stack(proc, f"http://127.0.0.1:{port}", work / "run", log)
 
     def ready() -> bool:
         assert proc.poll() is None, stack.log_tail()
-        return stack.request("/ping", timeout=5)[0] == 200
+        status, health = stack.request("/health", timeout=5)
+        return status == 200 and health["ready_replicas"] == replicas
 
     try:
         wait_for(ready, STARTUP_DEADLINE_S, f"vgate serve {' '.join(args)} to be ready")

@@ -44,14 +44,21 @@ def _ends(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
     return code, lines[-1]
 
 
-def test_the_model_given_first_is_served(tmp_path: Path) -> None:
+def test_the_model_given_first_is_served_even_without_vllms_api_docs(tmp_path: Path) -> None:
+    # Without the OpenAPI document predict cannot validate; the engines still get ready.
     model = ensure_demo_model()
-    with one_replica_stack(tmp_path, [str(model), "--max-model-len", "256"]) as stack:
+    args = [str(model), "--max-model-len", "256", "--disable-fastapi-docs"]
+    with one_replica_stack(tmp_path, args) as stack:
         status, models = stack.request("/v1/models")
         assert status == 200 and [m["id"] for m in models["data"]] == [str(model)]
         body = {"prompt": "hi", "max_tokens": 3, "ignore_eos": True}
         status, out = stack.request("/v1/completions", body)
         assert status == 200 and out["usage"]["completion_tokens"] == 3
+        status, answer = stack.request("/predict", {"instances": [body]})
+        assert status == 400 and answer["error"]["message"] == (
+            "predict cannot be served here: the engines publish no OpenAPI document "
+            "(--disable-fastapi-docs)"
+        )
 
 
 def test_an_engine_that_cannot_start_ends_the_run_with_its_cause(tmp_path: Path) -> None:

@@ -125,3 +125,13 @@ def test_predict_limits() -> None:
     assert (config.max_instances, config.max_inflight) == (8, 32)
     with pytest.raises(ConfigError, match="--max-inflight: invalid value '0'"):
         resolve(["--max-inflight", "0"], {})
+
+
+def test_open_files_are_raised_to_what_the_host_allows() -> None:
+    import resource
+
+    from gateway.control.serve import open_files_target
+
+    assert open_files_target(1024, 1048576) == 1048576
+    assert open_files_target(4096, 4096) == 4096
+    assert open_files_target(1024, resource.RLIM_INFINITY) == 1 << 20

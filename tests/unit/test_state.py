@@ -2,8 +2,6 @@
 
 import time
 
-import pytest
-
 from gateway.state import (
     DOWN,
     FAILED,
@@ -11,24 +9,8 @@ from gateway.state import (
     STARTING,
     ReplicaState,
     StateReader,
-    classify,
     write_state,
 )
-
-
-@pytest.mark.parametrize(
-    ("process", "healthy", "state"),
-    [
-        ("RUNNING", True, READY),
-        ("RUNNING", False, STARTING),
-        ("STARTING", False, STARTING),
-        ("BACKOFF", False, DOWN),
-        ("EXITED", True, DOWN),
-        (None, True, DOWN),
-    ],
-)
-def test_classify(process: str | None, healthy: bool, state: str) -> None:
-    assert classify(process, healthy) == state
 
 
 def test_reader_sees_new_state_and_distrusts_a_stale_one(tmp_path) -> None:
