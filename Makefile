@@ -4,7 +4,7 @@ VENV   := .venv
 ENGINE := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 ARGS   ?=
 
-.PHONY: serve test lint bench install clean
+.PHONY: serve test lint bench soak install clean
 
 $(VENV)/.installed-$(ENGINE): pyproject.toml deploy/install.sh
 	deploy/install.sh --venv $(VENV) --extras $(ENGINE)
@@ -26,6 +26,10 @@ lint: $(VENV)/.installed-test
 
 test: lint
 	$(VENV)/bin/pytest -p no:cacheprovider
+
+# 30 minutes of load (VGATE_SOAK_S to change it): nothing fails, memory stays flat.
+soak: $(VENV)/.installed-test
+	$(VENV)/bin/pytest -p no:cacheprovider -s --timeout 7200 soak
 
 bench: $(VENV)/.installed-test
 	$(VENV)/bin/python -m benchmarks.run

@@ -67,13 +67,20 @@ def read_exits(run_dir: Path, replica: int) -> list[Failure]:
     return [Failure(**json.loads(line)) for line in lines if line.endswith("}")]
 
 
-def relay(source: IO[bytes], tail: collections.deque[str]) -> None:
-    """Copy vLLM's output to ours line by line, keeping the last lines."""
-    out = sys.stdout.buffer
+def relay(source: IO[bytes], tail: collections.deque[str], out: IO[bytes]) -> None:
+    """Copy vLLM's output to `out` line by line, keeping the last lines."""
     for line in source:
         out.write(line)
         out.flush()
         tail.append(line.decode(errors="replace").rstrip())
+
+
+def log_output() -> IO[bytes]:
+    """The container's log, around supervisord (gateway/control/serve.py: direct_log_path)."""
+    try:
+        return open(os.environ["VGATE_LOG_PATH"], "ab", buffering=0)
+    except (KeyError, OSError):
+        return sys.stdout.buffer
 
 
 def main(argv: list[str]) -> None:
@@ -97,7 +104,7 @@ def main(argv: list[str]) -> None:
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     # In a thread: vLLM's engine core inherits the pipe and may outlive the server (an OOM
     # kill of the server alone), so the pipe's end does not tell that the server exited.
-    relaying = threading.Thread(target=relay, args=(server.stdout, tail), daemon=True)
+    relaying = threading.Thread(target=relay, args=(server.stdout, tail, log_output()), daemon=True)
     relaying.start()
     code = server.wait()
     relaying.join(timeout=RELAY_DRAIN_S)  # what it printed last is the cause

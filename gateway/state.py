@@ -16,8 +16,9 @@ from engine.files import write_atomic
 
 STATE_FILE = "state.json"
 # The monitor writes every second; older than this, it is not reporting. Generous: a
-# monitor slowed by a busy machine is not a reason for every caller to get 503.
-STALE_AFTER_S = 30.0
+# monitor slowed by a busy machine is not a reason for every caller to get 503, and
+# the watchdog restarts a hung monitor sooner (gateway/control/watchdog.py).
+STALE_AFTER_S = 45.0
 
 STARTING, READY, DOWN, FAILED = "starting", "ready", "down", "failed"
 

@@ -96,6 +96,11 @@ class Supervisor:
             if p["group"] == group
         }
 
+    def program(self, name: str) -> tuple[str, int]:
+        """(supervisord state name, pid) of one program."""
+        info = self._proxy.supervisor.getProcessInfo(name)
+        return info["statename"], info["pid"]
+
     def reload_nginx(self) -> None:
         self._proxy.supervisor.signalProcess("nginx", "HUP")
 

@@ -75,7 +75,7 @@ def _template(name: str) -> jinja2.Template:
     return env.get_template(name)
 
 
-def render_nginx(config: Config, run_dir: Path) -> str:
+def render_nginx(config: Config, run_dir: Path, access_log: str = "/dev/stdout") -> str:
     host = f"[{config.host}]" if ":" in config.host else config.host
     health = [*HEALTH_ROUTES, *([config.health_route] if config.health_route else [])]
     return _template("nginx.conf.j2").render(
@@ -88,6 +88,7 @@ def render_nginx(config: Config, run_dir: Path) -> str:
         predict_routes=[config.predict_route] if config.predict_route else [],
         user=_worker_user(),
         run_dir=run_dir,
+        access_log=access_log,
         listen=f"{host}:{config.port}",
         max_request_bytes=config.max_request_bytes,
         # The gateway's engine requests carry gs:// media inline (base64: 4/3 larger).

@@ -18,17 +18,20 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from engine import placement
 from engine.demo_model import DEMO_MODEL_NAME
 from engine.fetch_model import DOWNLOAD_FAILED, JOB_FILE, MODEL_READY, PROGRESS_FILE, write_json
+from engine.files import write_atomic
 from engine.gcs import MODEL_CONFIG, DownloadError, list_objects, make_client
 from engine.launch import exits_path
 from engine.model_source import ModelSourceError, classify_model, local_model
 from engine.vllm_args import EngineArgsError, read_engine_args
 from engine.workers import build_workers, lora_env, save_workers
 from gateway.config import Config, ConfigError, resolve
+from gateway.control.drain import DRAIN_FILE, drain
 from gateway.control.google_args import host_kv_offload, translate
 from gateway.control.monitor import FATAL_FILE
 from gateway.control.nginx_config import UPSTREAM_FILE, render_nginx, write_upstream
@@ -80,6 +83,23 @@ def available_memory() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def direct_log_path() -> str:
+    """This process's stdout, by a path other processes can open: the container's log.
+
+    The busy writers (nginx's access log, vLLM through engine.launch) write there
+    themselves, a whole line per write, instead of through supervisord's one
+    Python loop, which would stall them when it fell behind (a full pipe blocks
+    nginx's workers). /dev/stdout, through supervisord, if it cannot be opened
+    again (a socket).
+    """
+    path = f"/proc/{os.getpid()}/fd/1"
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+    except OSError:
+        return "/dev/stdout"
+    return path
 
 
 def read_engine_flags(config: Config) -> Config:
@@ -174,8 +194,10 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
     save_workers(workers, run_dir / "engines.json")
     config.save(run_dir / "config.json")
     write_upstream(run_dir, workers, ready=set(), generation="start")
+    write_atomic(run_dir / DRAIN_FILE, "")
     conf = run_dir / "nginx.conf"
-    conf.write_text(render_nginx(config, run_dir))
+    log_path = direct_log_path()
+    conf.write_text(render_nginx(config, run_dir, log_path))
     test = subprocess.run(
         [nginx, "-t", "-q", "-c", str(conf)], capture_output=True, text=True, timeout=30
     )
@@ -190,6 +212,7 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
         "VGATE_REPLICAS": str(len(workers)),
         "VGATE_GATEWAY_WORKERS": str(config.gateway_workers),
         "VGATE_STOP_GRACE": str(config.stop_grace),
+        "VGATE_LOG_PATH": log_path,
         "VGATE_API_KEYS": ",".join(config.api_keys),  # for nginx (nginx/auth.js) alone
         "PYTHONUNBUFFERED": "1",
     }
@@ -218,18 +241,34 @@ def raise_open_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def supervise(run_dir: Path, env: dict[str, str]) -> int:
+def supervise(run_dir: Path, env: dict[str, str], grace_s: float) -> int:
     """Run supervisord until it stops; exit 1 with the cause if the run could not serve.
 
-    Signals are passed on (SIGTERM drains and stops everything), and every child
-    that ends is reaped: in a container this process is PID 1, and orphans of
-    vLLM's processes come to it.
+    SIGTERM or SIGINT drains first (new requests get 503, those in flight finish
+    within the grace), then stops everything; a second one stops at once. Every
+    child that ends is reaped: in a container this process is PID 1, and orphans
+    of vLLM's processes come to it.
     """
     raise_open_files()  # every process inherits it
     conf = str(REPO / "supervisord.conf")
     argv = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", conf]
     child = subprocess.Popen(argv, env=env)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+    stopping = threading.Event()
+
+    def drain_then_stop() -> None:
+        drain(run_dir, grace_s)
+        child.send_signal(signal.SIGTERM)
+
+    def on_stop(received: int, _: object) -> None:
+        if stopping.is_set():
+            child.send_signal(received)
+            return
+        stopping.set()
+        threading.Thread(target=drain_then_stop, daemon=True).start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_stop)
+    for sig in (signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, lambda received, _: child.send_signal(received))
     while True:
         try:
@@ -262,4 +301,4 @@ def main(argv: list[str]) -> int:
     except (ConfigError, placement.PlacementError, ModelSourceError, DownloadError) as e:
         print(f"vgate: {e}", file=sys.stderr)
         return 2
-    return supervise(run_dir, env)
+    return supervise(run_dir, env, config.stop_grace)

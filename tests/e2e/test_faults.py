@@ -10,14 +10,12 @@ until every replica is ready again, and prints the figures (README's table).
 from __future__ import annotations
 
 import http.client
-import itertools
 import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import psutil
@@ -26,90 +24,14 @@ import pytest
 from engine.demo_model import ensure_demo_model
 from engine.workers import VLLM_SERVER_MODULE
 from tests.e2e.conftest import Stack, one_replica_stack
+from tests.e2e.load import REQUEST_TIMEOUT_S, Load, Outcome
 from tests.helpers import descendants, wait_for
 
 pytestmark = pytest.mark.e2e
 
 WINDOW_S = 30.0  # the least a fault is watched for
 RECOVERY_DEADLINE_S = 180.0  # every replica ready again (an engine restart takes ~40 s here)
-REQUEST_TIMEOUT_S = 60  # the stack's deadline; no request may take longer
-CLIENTS = 4
 MAX_FAILED_SHARE = 0.01
-
-
-@dataclass
-class Outcome:
-    sent: float
-    ended: float
-    ok: bool
-    what: str
-
-
-@dataclass
-class Load:
-    """Mixed requests from CLIENTS threads until stopped; every outcome recorded."""
-
-    base: str
-    outcomes: list[Outcome] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        kinds = itertools.cycle(
-            [self._completion, self._chat_stream, self._predict, self._predict_stream]
-        )
-        lock = threading.Lock()
-
-        def client() -> None:
-            while not self._stop.is_set():
-                with lock:
-                    kind = next(kinds)
-                sent = time.monotonic()
-                try:
-                    ok, what = kind()
-                except (OSError, http.client.HTTPException, ValueError) as e:
-                    ok, what = False, f"{kind.__name__}: {type(e).__name__}: {e}"
-                self.outcomes.append(Outcome(sent, time.monotonic(), ok, what))
-
-        self._threads = [threading.Thread(target=client, daemon=True) for _ in range(CLIENTS)]
-        for t in self._threads:
-            t.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(REQUEST_TIMEOUT_S + 10)
-
-    def _post(self, path: str, body: dict) -> tuple[int, bytes]:
-        url = urlsplit(self.base)
-        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=REQUEST_TIMEOUT_S + 5)
-        try:
-            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        finally:
-            conn.close()
-
-    def _completion(self) -> tuple[bool, str]:
-        status, body = self._post("/v1/completions", {"prompt": "hi", "max_tokens": 16})
-        return status == 200 and b'"choices"' in body, f"completion {status} {body[:200]!r}"
-
-    def _chat_stream(self) -> tuple[bool, str]:
-        message = {"role": "user", "content": "hi"}
-        body = {"messages": [message], "max_tokens": 16, "stream": True}
-        status, answer = self._post("/v1/chat/completions", body)
-        whole = answer.rstrip().endswith(b"data: [DONE]")
-        return status == 200 and whole, f"chat stream {status} {answer[-200:]!r}"
-
-    def _predict(self) -> tuple[bool, str]:
-        body = {"instances": [{"prompt": "hi"}, {"prompt": "ho"}], "parameters": {"max_tokens": 8}}
-        status, answer = self._post("/predict", body)
-        return status == 200 and b'"predictions"' in answer, f"predict {status} {answer[:200]!r}"
-
-    def _predict_stream(self) -> tuple[bool, str]:
-        body = {"instances": [{"prompt": "hi", "max_tokens": 16, "stream": True}]}
-        status, answer = self._post("/predict", body)
-        whole = answer.rstrip().endswith(b"data: [DONE]")
-        return status == 200 and whole, f"predict stream {status} {answer[-200:]!r}"
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +136,22 @@ def test_a_hung_engine_is_taken_out_and_restarted(faulty: Stack, fault: str, fin
     assert figures["failed"] <= MAX_FAILED_SHARE * figures["sent"], figures
 
 
+@pytest.mark.parametrize(
+    ("fault", "find"),
+    [("SIGKILL engine server", _engine_server), ("SIGKILL engine core", _engine_core)],
+)
+def test_a_killed_engine_is_taken_out_and_restarted(faulty: Stack, fault: str, find) -> None:
+    wait_for(lambda: _all_ready(faulty), RECOVERY_DEADLINE_S, "both replicas")
+    target = find(faulty, 1)
+    core = _engine_core(faulty, 1)
+    figures = _under_fault(faulty, target.kill, fault, lambda: _out(faulty, 1))
+    # Nothing of the old engine is left: its server and core both went.
+    for p in (target, core):
+        assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, p
+    assert _engine_server(faulty, 1).pid != target.pid
+    assert figures["failed"] <= MAX_FAILED_SHARE * figures["sent"], figures
+
+
 @pytest.mark.parametrize("program", ["monitor", "worker"])
 def test_a_killed_monitor_or_gateway_worker_comes_back_unnoticed(
     faulty: Stack, program: str
@@ -263,3 +201,130 @@ def test_a_hung_gateway_worker_is_restarted(faulty: Stack) -> None:
     workers = [p for p in descendants(faulty.proc.pid) if "gateway.worker" in " ".join(p.cmdline())]
     assert worker.pid not in {p.pid for p in workers} and len(workers) == 2  # replaced
     assert figures["failed"] <= MAX_FAILED_SHARE * figures["sent"], figures
+
+
+@pytest.mark.parametrize("program", ["monitor", "nginx"])
+def test_a_hung_monitor_or_nginx_is_restarted(faulty: Stack, program: str) -> None:
+    wait_for(lambda: _all_ready(faulty), RECOVERY_DEADLINE_S, "both replicas")
+    if program == "monitor":
+        pid = _program_pid(faulty, "control.monitor")
+    else:
+        pid = int((faulty.run_dir / "nginx.pid").read_text())
+    hung = psutil.Process(pid)
+    pings: list[int] = []
+
+    def restarted() -> bool:
+        if program == "monitor":  # readiness through the hang: never 503 for everyone
+            pings.append(faulty.request("/ping", timeout=5)[0])
+        return not hung.is_running() or hung.status() == psutil.STATUS_ZOMBIE
+
+    try:
+        figures = _under_fault(
+            faulty, lambda: os.killpg(pid, signal.SIGSTOP), f"SIGSTOP {program}", restarted
+        )
+    finally:
+        if not restarted():
+            os.killpg(pid, signal.SIGCONT)
+    assert figures["out_of_routing_s"] <= 60, figures  # found hung and killed
+    if program == "monitor":
+        assert set(pings) == {200}, pings
+        assert figures["failed"] <= MAX_FAILED_SHARE * figures["sent"], figures
+    # nginx: nothing can be served while the only front door is stopped; it is back.
+    assert int((faulty.run_dir / "nginx.pid").read_text()) != pid or program == "monitor"
+
+
+def test_serving_does_not_wait_on_supervisord(faulty: Stack) -> None:
+    """The access log and vLLM's output go around supervisord's relay: with it stopped,
+    more than a pipe holds (64 KiB) is logged and no request waits."""
+    wait_for(lambda: _all_ready(faulty), RECOVERY_DEADLINE_S, "both replicas")
+    supervisord = next(
+        p for p in descendants(faulty.proc.pid) if "supervisor.supervisord" in p.cmdline()
+    )
+    logged: list[int] = []
+
+    def stop() -> None:
+        supervisord.send_signal(signal.SIGSTOP)
+        logged.append(faulty.log.stat().st_size)
+
+    try:
+        figures = _under_fault(faulty, stop, "SIGSTOP supervisord")
+        logged.append(faulty.log.stat().st_size)
+    finally:
+        supervisord.send_signal(signal.SIGCONT)
+    print(f"logged while supervisord was stopped: {(logged[1] - logged[0]) // 1024} KiB")
+    assert logged[1] - logged[0] > 64 * 1024
+    assert figures["failed"] == 0, figures
+
+
+def _long_stream(stack: Stack, path: str, body: dict, started: threading.Event) -> Outcome:
+    """A stream that outlasts the SIGTERM: `started` is set at its first token."""
+    url = urlsplit(stack.base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=REQUEST_TIMEOUT_S + 5)
+    sent = time.monotonic()
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        answer = resp.readline()
+        started.set()
+        answer += resp.read()
+        whole = resp.status == 200 and answer.rstrip().endswith(b"data: [DONE]")
+        return Outcome(sent, time.monotonic(), whole, f"{path} {resp.status} {answer[-200:]!r}")
+    except (OSError, http.client.HTTPException) as e:
+        return Outcome(sent, time.monotonic(), False, f"{path}: {type(e).__name__}: {e}")
+    finally:
+        started.set()
+        conn.close()
+
+
+def test_sigterm_under_load_loses_nothing_in_flight(faulty: Stack) -> None:
+    """Last: it stops the stack."""
+    wait_for(lambda: _all_ready(faulty), RECOVERY_DEADLINE_S, "both replicas")
+    family = descendants(faulty.proc.pid)
+    long = {"max_tokens": 400, "ignore_eos": True, "stream": True}
+    streams = [
+        ("/v1/completions", {"prompt": "hi", **long}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], **long}),
+        ("/predict", {"instances": [{"prompt": "hi", **long}]}),
+    ]
+    outcomes: list[Outcome] = []
+    load = Load(faulty.base)
+    load.run()
+    try:
+        time.sleep(3)  # the load runs before the SIGTERM: not a wait for anything
+        threads = []
+        for path, body in streams:
+            started = threading.Event()
+            t = threading.Thread(
+                target=lambda p=path, b=body, s=started: outcomes.append(
+                    _long_stream(faulty, p, b, s)
+                )
+            )
+            t.start()
+            assert started.wait(30), f"{path} did not start streaming"
+            threads.append(t)
+        stopped_at = time.monotonic()
+        faulty.proc.send_signal(signal.SIGTERM)
+        # Readiness fails at once, new requests get 503, before anything stops.
+        wait_for(lambda: faulty.request("/ping", timeout=5)[0] == 503, 5, "/ping to say 503")
+        refused_after = time.monotonic() - stopped_at
+        status, body = faulty.request("/v1/completions", {"prompt": "hi", "max_tokens": 4})
+        assert status == 503 and body["error"]["message"] == "shutting down", (status, body)
+        code = faulty.proc.wait(timeout=30 + 20)  # the stop grace, and the stop after it
+        took = time.monotonic() - stopped_at
+        for t in threads:
+            t.join(REQUEST_TIMEOUT_S)
+    finally:
+        load.stop()
+    # Everything in flight at the SIGTERM finished (a request sent in its last second
+    # may still have been on its way in: it may be refused, as a later one is).
+    in_flight = [o for o in load.outcomes if o.sent < stopped_at - 1 < stopped_at < o.ended]
+    lost = [o.what for o in [*outcomes, *in_flight] if not o.ok]
+    assert all(o.ended > stopped_at for o in outcomes)  # the long streams were in flight
+    print(
+        f"\nSIGTERM under load: {len(outcomes) + len(in_flight)} requests in flight, "
+        f"{len(lost)} lost; 503 after {refused_after:.1f} s; exit {code} after {took:.1f} s"
+    )
+    assert not lost, lost
+    assert code == 0, faulty.log_tail()
+    alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [p.cmdline() for p in alive]

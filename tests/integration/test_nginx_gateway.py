@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pytest
 from engine.workers import load_workers
 from gateway.config import resolve
 from gateway.control import monitor
+from gateway.control.drain import drain
 from gateway.control.monitor import apply_upstream
 from gateway.control.nginx_config import UPSTREAM_FILE
 from gateway.control.serve import prepare
@@ -238,3 +240,35 @@ def test_one_client_has_at_most_its_share_in_flight(front) -> None:
             conn.close()
     # Health is never counted against a client.
     assert http_json(base + "/health")[0] == 503
+
+
+def test_a_drain_refuses_new_requests_and_finishes_those_in_flight(front) -> None:
+    """Last in this module: the front answers nothing but 503 afterwards."""
+    base, run_dir, _ = front
+    host, port = base.removeprefix("http://").split(":")
+    body = b'{"instances": [{"prompt": "a"}]}'
+    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+    in_flight = socket.create_connection((host, int(port)), timeout=10)
+    with in_flight:
+        in_flight.sendall(head.encode() + b"Expect: 100-continue\r\n\r\n")
+        assert in_flight.recv(100).startswith(b"HTTP/1.1 100 Continue")  # nginx holds it
+        took: list[float] = []
+        drainer = threading.Thread(target=lambda: took.append(drain(run_dir, 30)))
+        drainer.start()
+
+        def refused() -> dict | None:
+            status, headers, answer = http_json(base + "/ping", timeout=5)
+            return (
+                headers if status == 503 and answer["error"]["message"] == "shutting down" else None
+            )
+
+        headers = wait_for(refused, 10, "readiness to answer 503 once draining")
+        assert headers["Connection"] == "close" and headers["X-Request-Id"]
+        status, _, answer = http_json(base + "/v1/completions", {"prompt": "a"})
+        assert status == 503 and answer["error"]["message"] == "shutting down"
+        assert drainer.is_alive()  # the request in flight holds it
+        in_flight.sendall(body)  # ... and is answered by the gateway, as without a drain
+        answer = in_flight.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 503") and b"no engine is ready" in answer, answer
+    drainer.join(35)
+    assert took and took[0] < 30, took  # done once the request was, not at the deadline
