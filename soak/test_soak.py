@@ -16,9 +16,8 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from engine.demo_model import ensure_demo_model
 from tests.e2e.conftest import Stack, one_replica_stack
-from tests.e2e.load import REQUEST_TIMEOUT_S, Load
+from tests.e2e.load import Load, loaded_stack_args
 from tests.helpers import descendants
 
 SOAK_S = float(os.environ.get("VGATE_SOAK_S", "1800"))
@@ -30,9 +29,8 @@ MiB = 1024**2
 
 @pytest.fixture(scope="module")
 def soaked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    args = [str(ensure_demo_model()), "--max-model-len", "512", "--gateway-workers", "2"]
-    args += ["--request-timeout", str(REQUEST_TIMEOUT_S)]
-    with one_replica_stack(tmp_path_factory.mktemp("soak"), args, replicas=2) as stack:
+    work = tmp_path_factory.mktemp("soak")
+    with one_replica_stack(work, loaded_stack_args(), replicas=2) as stack:
         yield stack
 
 

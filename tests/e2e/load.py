@@ -11,8 +11,16 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from engine.demo_model import ensure_demo_model
+
 REQUEST_TIMEOUT_S = 60  # the stack's deadline; no request may take longer
 CLIENTS = 4
+
+
+def loaded_stack_args() -> list[str]:
+    """`vgate serve` flags of the stack under load: the demo model, 2 gateway workers."""
+    args = [str(ensure_demo_model()), "--max-model-len", "512", "--gateway-workers", "2"]
+    return [*args, "--request-timeout", str(REQUEST_TIMEOUT_S)]
 
 
 @dataclass

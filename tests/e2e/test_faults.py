@@ -21,10 +21,9 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 
-from engine.demo_model import ensure_demo_model
 from engine.workers import VLLM_SERVER_MODULE
 from tests.e2e.conftest import Stack, one_replica_stack
-from tests.e2e.load import REQUEST_TIMEOUT_S, Load, Outcome
+from tests.e2e.load import REQUEST_TIMEOUT_S, Load, Outcome, loaded_stack_args
 from tests.helpers import descendants, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -36,9 +35,8 @@ MAX_FAILED_SHARE = 0.01
 
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    args = [str(ensure_demo_model()), "--max-model-len", "512", "--gateway-workers", "2"]
-    args += ["--request-timeout", str(REQUEST_TIMEOUT_S)]
-    with one_replica_stack(tmp_path_factory.mktemp("faults"), args, replicas=2) as stack:
+    work = tmp_path_factory.mktemp("faults")
+    with one_replica_stack(work, loaded_stack_args(), replicas=2) as stack:
         yield stack
 
 

@@ -257,10 +257,9 @@ def test_a_drain_refuses_new_requests_and_finishes_those_in_flight(front) -> Non
         drainer.start()
 
         def refused() -> dict | None:
+            # Before the reload, the gateway's own 503 (no engine): not this one.
             status, headers, answer = http_json(base + "/ping", timeout=5)
-            return (
-                headers if status == 503 and answer["error"]["message"] == "shutting down" else None
-            )
+            return headers if status == 503 and "shutting down" in str(answer) else None
 
         headers = wait_for(refused, 10, "readiness to answer 503 once draining")
         assert headers["Connection"] == "close" and headers["X-Request-Id"]
