@@ -17,6 +17,7 @@ import logging
 import os
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from engine.lora_cache import (
@@ -33,6 +34,19 @@ log = logging.getLogger("vgate.lora")
 # Longest an adapter stays pinned after resolving while vLLM loads it.
 PIN_AFTER_RESOLVE_S = 60
 _unpinning: set[asyncio.Task] = set()
+# vgate's blocking work, off vLLM's default executor (which vLLM uses too), and fetches
+# apart from the short calls, so that long downloads never hold up an unpin or eviction.
+_FETCHES = ThreadPoolExecutor(4, thread_name_prefix="vgate-lora-fetch")
+_CALLS = ThreadPoolExecutor(2, thread_name_prefix="vgate-lora-calls")
+
+
+def poll_delays(total_s: float, first_s: float = 0.25) -> list[float]:
+    """Waits between looks for a loaded adapter, each twice the last, summing to total_s:
+    a load is seen soon, and one that never comes costs a few calls, not one per 0.5 s."""
+    delays: list[float] = []
+    while sum(delays) + first_s * 2 ** len(delays) < total_s:
+        delays.append(first_s * 2 ** len(delays))
+    return [*delays, total_s - sum(delays)]
 
 
 def _engine_urls() -> list[str]:
@@ -110,7 +124,7 @@ def _resolver(cache: AdapterCache, policy: AdapterPolicy) -> object:
                 return None  # vLLM answers 404 naming the model
             pin = cache.pinned(lora_name)
             try:
-                path = await asyncio.to_thread(pin.__enter__)
+                path = await asyncio.get_running_loop().run_in_executor(_FETCHES, pin.__enter__)
             except (AdapterError, OSError) as e:
                 log.warning("%r", str(e))
                 return None  # vLLM answers 404 naming the model
@@ -125,10 +139,11 @@ def _resolver(cache: AdapterCache, policy: AdapterPolicy) -> object:
 
 
 async def _unpin_when_loaded(pin: contextlib.AbstractContextManager, name: str) -> None:
+    loop = asyncio.get_running_loop()
     try:
-        for _ in range(int(PIN_AFTER_RESOLVE_S / 0.5)):
-            if name in await asyncio.to_thread(loaded_adapters):
+        for delay in poll_delays(PIN_AFTER_RESOLVE_S):
+            await asyncio.sleep(delay)
+            if name in await loop.run_in_executor(_CALLS, loaded_adapters):
                 break
-            await asyncio.sleep(0.5)
     finally:
-        await asyncio.to_thread(pin.__exit__, None, None, None)
+        await loop.run_in_executor(_CALLS, pin.__exit__, None, None, None)

@@ -1,0 +1,1 @@
+"""`make soak`: long runs, outside `make test`."""
