@@ -35,6 +35,9 @@ STREAM_FORMATS = ("sse", "nul")
 # multi_modal_data key: the chat content part vLLM takes it as.
 MEDIA_PARTS = {"image": "image_url", "video": "video_url", "audio": "audio_url"}
 TOP_LEVEL_FIELDS = ("instances", "parameters", "@requestFormat")
+# Chat messages and content parts in one request: each costs schema validation on the
+# gateway's event loop, which answers /ping too (review M11); no conversation needs more.
+MAX_CHAT_ITEMS = 2048
 # What a client may set on an instance: OpenAI's sampling and output fields and vLLM's
 # sampling extras. The rest of vLLM's request schemas is the operator's (processor and
 # media kwargs, chat templates, KV transfer, priority, request ids, raw extras, prompt
@@ -137,6 +140,12 @@ def parse_instances(
     A streamed request has exactly one instance. `lora`: the adapter sources a
     client may name, or None when the engines run without LoRA.
     """
+    items = sum(_chat_items(raw) for raw in envelope.instances)
+    if items > MAX_CHAT_ITEMS:
+        raise _bad(
+            f"instances: {items} chat messages and content parts in all; "
+            f"at most {MAX_CHAT_ITEMS} per request"
+        )
     instances = [
         _parse_instance(i, raw, envelope.parameters, envelope.request_format, schemas, lora)
         for i, raw in enumerate(envelope.instances)
@@ -153,6 +162,15 @@ def parse_instances(
     if first.stream and not first.chat and first.request.get("n", 1) not in (1, None):
         raise _bad("instances[0].n: a streamed text-generation instance takes n = 1")
     return instances
+
+
+def _chat_items(raw: Any) -> int:
+    """Messages and content parts of one instance, as sent (before any check)."""
+    messages = raw.get("messages") if isinstance(raw, dict) else None
+    if not isinstance(messages, list):
+        return 0
+    parts = (m.get("content") for m in messages if isinstance(m, dict))
+    return len(messages) + sum(len(c) for c in parts if isinstance(c, list))
 
 
 def _request_format(where: str, value: Any) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from pathlib import Path
 
 import orjson
@@ -16,13 +18,21 @@ from gateway.predict.protocol import Instance, parse_envelope, parse_instances
 from gateway.predict.responses import error_event
 from gateway.predict.serving import Deadline, predict, stream
 
+# Bodies larger than this are checked in a thread: checking takes long enough (up to
+# about a second) to hold up every request on this worker's loop, /ping included.
+OFF_LOOP_BYTES = 64 * 1024
+
 
 async def predict_handler(request: web.Request) -> web.StreamResponse:
     app = request.app
     config = app["config"]
     session = app["engine_session"]
-    envelope = parse_envelope(await request.read(), config.max_instances)
-    instances = parse_instances(envelope, app["engine_schemas"].get(), lora=app["lora"])
+    body = await request.read()
+    envelope = parse_envelope(body, config.max_instances)
+    check = functools.partial(
+        parse_instances, envelope, app["engine_schemas"].get(), lora=app["lora"]
+    )
+    instances = await asyncio.to_thread(check) if len(body) > OFF_LOOP_BYTES else check()
     request_id = request.headers.get("X-Request-Id")
     deadline = Deadline.start(config.request_timeout)
     admission: Admission = app["admission"]

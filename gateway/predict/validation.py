@@ -10,16 +10,18 @@ only in code get clearer messages here first. Pure: the schema comes in.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
 # The two engine requests a predict instance becomes.
 COMPLETION = "CompletionRequest"
 CHAT = "ChatCompletionRequest"
 GENERATE = "GenerateRequest"  # vLLM's tokens-in endpoint (engines run with --enable-scale-out)
+MAX_ERRORS = 16  # errors looked at to choose the one to report
 
 
 def _is_int(v: Any) -> bool:
@@ -60,6 +62,26 @@ _JSON_TYPES = {
 }
 
 
+def _any_of(
+    validator: Draft202012Validator, any_of: list[Any], instance: Any, schema: dict[str, Any]
+) -> Iterator[ValidationError]:
+    """jsonschema's anyOf, but each branch stops at its first MAX_ERRORS errors and the
+    message does not print the instance: a long list that fails every branch cost
+    seconds of the event loop, collecting each branch's every error, nested."""
+    errors: list[ValidationError] = []
+    for index, branch in enumerate(any_of):
+        found = list(
+            itertools.islice(validator.descend(instance, branch, schema_path=index), MAX_ERRORS)
+        )
+        if not found:
+            return
+        errors.extend(found)
+    yield ValidationError("is not valid under any of the given schemas", context=errors)
+
+
+_Validator = validators.extend(Draft202012Validator, {"anyOf": _any_of})
+
+
 class RequestSchemas:
     """Validators for the engine's request types, built once from its OpenAPI document."""
 
@@ -69,7 +91,7 @@ class RequestSchemas:
         for name in (COMPLETION, CHAT):
             # Closed to unknown fields; refs resolve against the document's components.
             schema = {**components["schemas"][name], "additionalProperties": False}
-            self._validators[name] = Draft202012Validator({**schema, "components": components})
+            self._validators[name] = _Validator({**schema, "components": components})
         generate = components["schemas"].get(GENERATE, {}).get("properties", {})
         self.sampling_fields = frozenset(generate.get("sampling_params", {}).get("properties", {}))
 
@@ -82,7 +104,9 @@ class RequestSchemas:
             value = request.get(key)
             if value is not None and not check(value):
                 return key, message
-        errors = list(self._validators[name].iter_errors(request))
+        # The first few: collecting every error of a large invalid body would take
+        # seconds (each anyOf branch's errors come with it), on the event loop.
+        errors = list(itertools.islice(self._validators[name].iter_errors(request), MAX_ERRORS))
         if not errors:
             return None
         if any(e.validator == "additionalProperties" and not e.path for e in errors):

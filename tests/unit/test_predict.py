@@ -13,6 +13,7 @@ from gateway.predict.protocol import (
     CHAT_ROUTE,
     COMPLETIONS_ROUTE,
     GENERATE_ROUTE,
+    MAX_CHAT_ITEMS,
     Instance,
     parse_envelope,
     parse_instances,
@@ -131,6 +132,29 @@ def test_at_most_max_instances(schemas: RequestSchemas) -> None:
     body = {"instances": [{"prompt": "a"}] * 3}
     assert _error(schemas, body, max_instances=2).startswith("instances: at most 2 per request")
     assert len(_parse(schemas, body, max_instances=3)) == 3
+
+
+def test_chat_messages_and_parts_are_bounded_per_request(schemas: RequestSchemas) -> None:
+    """Each costs the gateway's loop schema checks (review M11)."""
+    part = {"type": "text", "text": "x"}
+    half = {"messages": [{"role": "user", "content": [part] * (MAX_CHAT_ITEMS // 2 - 1)}]}
+    body = {"@requestFormat": "chatCompletions", "instances": [half, half]}
+    assert len(_parse(schemas, body)) == 2  # exactly the bound
+    body["instances"].append({"messages": [{"role": "user", "content": "one more"}]})
+    assert _error(schemas, body).startswith(
+        f"instances: {MAX_CHAT_ITEMS + 1} chat messages and content parts in all; "
+        f"at most {MAX_CHAT_ITEMS} per request"
+    )
+
+
+def test_a_bad_part_deep_in_a_long_message_is_named(schemas: RequestSchemas) -> None:
+    parts = [{"type": "text", "text": "x"}] * 1000
+    parts[700] = 5
+    body = {
+        "@requestFormat": "chatCompletions",
+        "instances": [{"messages": [{"role": "user", "content": parts}]}],
+    }
+    assert _error(schemas, body) == "instances[0].messages[0].content[700]: must be object"
 
 
 def test_parameters_are_defaults_and_instance_fields_win(schemas: RequestSchemas) -> None:
