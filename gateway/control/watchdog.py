@@ -26,16 +26,18 @@ import sys
 import time
 import xmlrpc.client
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from supervisor import childutils
 
 from gateway.control.liveness import ReplicaWatch
-from gateway.control.monitor import Supervisor
+from gateway.control.monitor import GENERATION_URL, Supervisor
 from gateway.state import STATE_FILE
 
 PROBE_TIMEOUT_S = 2.0
 HEARTBEAT_FRESH_S = 5.0  # the monitor writes every second; a slow poll takes a few
-NGINX_PROBE = b"GET /vgate/upstream-generation HTTP/1.0\r\nHost: internal\r\n\r\n"
+# What the monitor asks nginx after a reload: nginx answers it itself.
+NGINX_PROBE = f"GET {urlsplit(GENERATION_URL).path} HTTP/1.0\r\nHost: internal\r\n\r\n".encode()
 
 
 def nginx_answers(socket_path: Path) -> bool:
