@@ -135,36 +135,43 @@ class _Families:
         return self._families
 
 
-async def fetch_engine_metrics(
-    session: aiohttp.ClientSession, worker: EngineWorker
-) -> list[Metric]:
+async def fetch_engine_metrics(session: aiohttp.ClientSession, worker: EngineWorker) -> str:
+    """One engine's /metrics text; empty if it did not answer in time."""
     try:
         async with session.get(
             worker.url + "/metrics", timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)
         ) as resp:
             if resp.status != 200:
                 raise aiohttp.ClientError(f"status {resp.status}")
-            text = await resp.text()
+            return await resp.text()
     except (aiohttp.ClientError, TimeoutError):
         UPSTREAM_ERRORS.labels("metrics_scrape").inc()
-        return []
-    return relabel(text, worker.replica)
+        return ""
+
+
+def render(texts: dict[int, str], replicas: list[ReplicaState]) -> bytes:
+    """The engines' texts, relabelled and merged, with vgate's own metrics."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    engine_families = merge(f for replica, text in texts.items() for f in relabel(text, replica))
+    registry.register(_Families([replica_ready_family(replicas), *engine_families]))
+    return generate_latest(registry)
 
 
 async def exposition(
     session: aiohttp.ClientSession, workers: list[EngineWorker], replicas: list[ReplicaState]
 ) -> bytes:
-    """The whole container's metrics, in Prometheus's text format."""
+    """The whole container's metrics, in Prometheus's text format.
+
+    Parsing and rendering take tens of milliseconds: in a thread, so the loop keeps
+    serving requests and probes meanwhile (review M11).
+    """
     # A starting engine accepts connections but answers nothing until it is ready.
     ready = {r.replica for r in replicas if r.state == READY}
-    per_engine = await asyncio.gather(
-        *(fetch_engine_metrics(session, w) for w in workers if w.replica in ready)
-    )
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
-    engine_families = merge(f for families in per_engine for f in families)
-    registry.register(_Families([replica_ready_family(replicas), *engine_families]))
-    return generate_latest(registry)
+    scraped = [w for w in workers if w.replica in ready]
+    texts = await asyncio.gather(*(fetch_engine_metrics(session, w) for w in scraped))
+    by_replica = {w.replica: text for w, text in zip(scraped, texts, strict=True)}
+    return await asyncio.to_thread(render, by_replica, replicas)
 
 
 class SingleFlight:
