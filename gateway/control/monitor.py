@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import time
 import xmlrpc.client
 from dataclasses import replace
@@ -368,11 +367,6 @@ async def run(run_dir: Path) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    # supervisord's XML-RPC client sets no timeout on its socket: a call supervisord never
-    # answers would hold its executor thread for good, and once they all are held no
-    # call (nor the gateway watchdog's kill) ever runs again. Blocking sockets only:
-    # aiohttp's are non-blocking.
-    socket.setdefaulttimeout(RPC_TIMEOUT_S)
     asyncio.run(run(Path(os.environ["VGATE_RUN_DIR"])))
 
 

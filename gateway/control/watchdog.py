@@ -82,7 +82,6 @@ def check(run_dir: Path, supervisor: Supervisor, watches: dict[str, ReplicaWatch
 
 def main() -> None:
     run_dir = Path(os.environ["VGATE_RUN_DIR"])
-    socket.setdefaulttimeout(PROBE_TIMEOUT_S)  # supervisord's XML-RPC client sets none
     supervisor = Supervisor(run_dir)
     watches = {"monitor": ReplicaWatch(), "nginx": ReplicaWatch()}
     while True:
