@@ -45,12 +45,21 @@ async def answers(socket_path: Path) -> bool:
         return False
 
 
-async def watch_gateways(run_dir: Path, processes: object, count: int) -> None:
+def first_watches(count: int, restarted: bool, now: float) -> dict[int, ReplicaWatch]:
+    """A restarted monitor takes every worker to have answered just now, so that one
+    already hung (the reason the monitor was restarted, perhaps) is killed too, HUNG_AFTER_S
+    on. At the container's start a worker must answer once first: it may take a while."""
+    if not restarted:
+        return {k: ReplicaWatch() for k in range(count)}
+    return {k: ReplicaWatch(ready_since_start=True, last_answer=now) for k in range(count)}
+
+
+async def watch_gateways(run_dir: Path, processes: object, count: int, restarted: bool) -> None:
     """Forever: probe each gateway worker; kill the hung ones.
 
     `processes()`: {worker: (supervisord state, pid)} of the gateway programs.
     """
-    watches = {k: ReplicaWatch() for k in range(count)}
+    watches = first_watches(count, restarted, time.monotonic())
     while True:
         try:
             async with asyncio.timeout(RPC_TIMEOUT_S):

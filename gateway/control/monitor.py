@@ -177,21 +177,27 @@ def kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def watches_from(run_dir: Path, workers: list[EngineWorker]) -> dict[int, ReplicaWatch]:
+def last_verdict(run_dir: Path) -> dict | None:
+    """The state a monitor before this one wrote, if it is fresh: this one was restarted."""
+    try:
+        body = json.loads((run_dir / STATE_FILE).read_text())
+        return body if time.time() - body["updated"] <= STALE_AFTER_S else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def watches_from(last: dict | None, workers: list[EngineWorker]) -> dict[int, ReplicaWatch]:
     """A restarted monitor keeps routing what the last one routed (a fresh verdict), so
     health does not turn 503 for everyone while it probes again."""
     watches = {w.replica: ReplicaWatch() for w in workers}
+    now = time.monotonic()
     try:
-        body = json.loads((run_dir / STATE_FILE).read_text())
-        if time.time() - body["updated"] > STALE_AFTER_S:
-            return watches
-        now = time.monotonic()
-        for r in body["replicas"]:
+        for r in last["replicas"] if last else []:
             if r["state"] == READY and r["replica"] in watches:
                 watches[r["replica"]] = ReplicaWatch(
                     routed=True, good=2, ready_since_start=True, last_answer=now
                 )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         pass
     return watches
 
@@ -319,7 +325,8 @@ async def run(run_dir: Path) -> None:
     applied: set[int] | None = None  # the set nginx's upstream file was last loaded with
     previous: dict[int, str] = {}
     watch = StartWatch()
-    watches = watches_from(run_dir, workers)
+    last = last_verdict(run_dir)
+    watches = watches_from(last, workers)
     known: dict[int, tuple[str, int]] = {}
     stopped: set[int] = set()  # failed replicas, no longer restarted
     timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
@@ -331,7 +338,10 @@ async def run(run_dir: Path) -> None:
     ):
         gateways = asyncio.create_task(
             watch_gateways(
-                run_dir, supervisor.gateway_states, int(os.environ["VGATE_GATEWAY_WORKERS"])
+                run_dir,
+                supervisor.gateway_states,
+                int(os.environ["VGATE_GATEWAY_WORKERS"]),
+                restarted=last is not None,
             )
         )
         gateways.add_done_callback(
