@@ -49,9 +49,7 @@ def first_watches(count: int, restarted: bool, now: float) -> dict[int, ReplicaW
     """A restarted monitor takes every worker to have answered just now, so that one
     already hung (the reason the monitor was restarted, perhaps) is killed too, HUNG_AFTER_S
     on. At the container's start a worker must answer once first: it may take a while."""
-    if not restarted:
-        return {k: ReplicaWatch() for k in range(count)}
-    return {k: ReplicaWatch(ready_since_start=True, last_answer=now) for k in range(count)}
+    return {k: ReplicaWatch(ready_since_start=restarted, last_answer=now) for k in range(count)}
 
 
 async def watch_gateways(run_dir: Path, processes: object, count: int, restarted: bool) -> None:
