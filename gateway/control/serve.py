@@ -248,11 +248,15 @@ def supervise(run_dir: Path, env: dict[str, str], grace_s: float) -> int:
     within the grace), then stops everything; a second one stops at once. Every
     child that ends is reaped: in a container this process is PID 1, and orphans
     of vLLM's processes come to it.
+
+    supervisord gets a process group of its own: a signal to this process's group
+    (Ctrl-C in a terminal, `kill -TERM -PGID`, an init that signals the group) must
+    reach only this process, or supervisord would stop nginx before the drain.
     """
     raise_open_files()  # every process inherits it
     conf = str(REPO / "supervisord.conf")
     argv = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", conf]
-    child = subprocess.Popen(argv, env=env)
+    child = subprocess.Popen(argv, env=env, process_group=0)
     stopping = threading.Event()
 
     def drain_then_stop() -> None:

@@ -301,7 +301,9 @@ def test_sigterm_under_load_loses_nothing_in_flight(faulty: Stack) -> None:
             assert started.wait(30), f"{path} did not start streaming"
             threads.append(t)
         stopped_at = time.monotonic()
-        faulty.proc.send_signal(signal.SIGTERM)
+        # To the whole group, as Ctrl-C or an init that signals the group would: only
+        # `vgate serve` may act on it (supervisord, if reached, stops nginx at once).
+        os.killpg(faulty.proc.pid, signal.SIGTERM)
         # Readiness fails at once, new requests get 503, before anything stops.
         wait_for(lambda: faulty.request("/ping", timeout=5)[0] == 503, 5, "/ping to say 503")
         refused_after = time.monotonic() - stopped_at
