@@ -3,8 +3,9 @@
 VENV   := .venv
 ENGINE := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 ARGS   ?=
+IMAGE  ?= localhost/vgate:cpu
 
-.PHONY: serve test lint bench soak install clean
+.PHONY: serve test lint bench soak install image clean
 
 $(VENV)/.installed-$(ENGINE): pyproject.toml deploy/install.sh
 	deploy/install.sh --venv $(VENV) --extras $(ENGINE)
@@ -24,8 +25,13 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile
 
-test: lint
-	$(VENV)/bin/pytest -p no:cacheprovider
+# The CPU image the end-to-end image test runs (deploy/build-image.sh: debootstrap,
+# podman, buildah; downloads kept in build/ and podman's store between builds).
+image: $(VENV)/.installed-test
+	deploy/build-image.sh $(IMAGE)
+
+test: lint image
+	VGATE_IMAGE=$(IMAGE) $(VENV)/bin/pytest -p no:cacheprovider
 
 # 30 minutes of load (VGATE_SOAK_S to change it): nothing fails, memory stays flat.
 soak: $(VENV)/.installed-test

@@ -1,34 +1,49 @@
 #!/usr/bin/env bash
 # Installs what vgate needs, the same way for `make` and the Dockerfile:
-#   nginx from the system packages, then the project (editable, so nginx/ and
-#   supervisord.conf are read from this checkout) into a Python environment.
+#   nginx (and Python, where the base has none) from the system packages, then the
+#   project into a Python environment.
 #
-# usage: deploy/install.sh [--venv DIR] [--extras LIST]
+# usage: deploy/install.sh [--venv DIR] [--extras LIST] [--no-editable]
 #   --venv DIR     create/use a virtualenv at DIR (default: .venv); "system" installs
-#                  into the current python (the image, where vLLM comes with the base)
+#                  into the current python (the GPU image, where vLLM comes with the base)
 #   --extras LIST  pip extras, comma separated: cpu (vLLM's CPU build), test
+#   --no-editable  install a copy (the image), not a link to this checkout (make)
+# pip's own variables (PIP_FIND_LINKS, PIP_NO_INDEX) reach pip: `make image` points
+# them at the wheels it downloaded once.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.venv"
 extras=""
+editable="-e"
 while [ $# -gt 0 ]; do
   case "$1" in
     --venv) venv="$2"; shift 2 ;;
     --extras) extras="$2"; shift 2 ;;
+    --no-editable) editable=""; shift ;;
     *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 
-# nginx, and its njs module (it checks --api-key in constant time).
+# nginx, and its njs module (it checks --api-key in constant time); Python and venv
+# on a bare base (the CPU image's Debian).
+packages=()
 if { ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; } \
     || [ ! -f /usr/lib/nginx/modules/ngx_http_js_module.so ]; then
-  echo "install.sh: installing nginx and its njs module from the system packages"
+  packages+=(nginx libnginx-mod-http-js)
+fi
+command -v python3 >/dev/null 2>&1 || packages+=(python3 ca-certificates)
+if [ "$venv" != "system" ] && [ ! -x "$venv/bin/python" ] \
+    && ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
+  packages+=(python3-venv)
+fi
+if [ ${#packages[@]} -gt 0 ]; then
+  echo "install.sh: installing ${packages[*]} from the system packages"
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-    nginx libnginx-mod-http-js >/dev/null
+    "${packages[@]}" >/dev/null
   # Debian starts the packaged service; vgate runs its own nginx.
   $sudo service nginx stop >/dev/null 2>&1 || true
 fi
@@ -44,7 +59,8 @@ fi
 
 spec="$root"
 [ -z "$extras" ] || spec="$root[$extras]"
-"$python" -m pip install --quiet --disable-pip-version-check -e "$spec"
+# shellcheck disable=SC2086  # $editable: one flag or none
+"$python" -m pip install --quiet --disable-pip-version-check $editable "$spec"
 
 if [[ ",$extras," == *",cpu,"* ]]; then
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break

@@ -27,6 +27,7 @@ from typing import IO
 
 from engine.failures import Failure, classify
 from engine.fetch_model import MODEL_READY
+from engine.ray_cluster import wait_for_cluster
 from engine.workers import load_workers
 
 # Vertex gives a deployment 2 h, downloads included.
@@ -95,6 +96,8 @@ def main(argv: list[str]) -> None:
     for name in ("VLLM_API_KEY", "VGATE_API_KEY", "VGATE_API_KEYS"):
         env.pop(name, None)
     wait_for_model(run_dir)
+    if worker.cluster_gpus:
+        wait_for_cluster(worker.cluster_gpus)
     # supervisord signals the whole group, vLLM included: this process only waits.
     # (A Python handler, unlike SIG_IGN, is not inherited by vLLM.)
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -27,10 +27,13 @@ class Placement:
     device: str  # "cuda" or "cpu"
     gpus: tuple[int, ...] = ()
     cpus: tuple[int, ...] = ()
+    cluster_gpus: int = 0  # multi-host: GPUs the replica takes across the Ray cluster
 
     @property
     def label(self) -> str:
         """Human-readable device, as /health reports it."""
+        if self.cluster_gpus:
+            return f"ray:{self.cluster_gpus} GPUs"
         if self.device == "cuda":
             return "cuda:" + ",".join(map(str, self.gpus))
         return "cpu:" + _ranges(self.cpus)
@@ -67,12 +70,15 @@ def plan(
     cpus: list[int],
     tensor_parallel_size: int = 1,
     replicas: int | None = None,
+    ray: bool = False,
 ) -> list[Placement]:
     """Split the machine into engine replicas.
 
     GPUs: one replica per tensor-parallel group of consecutive GPUs. CPU: each
     replica gets its own contiguous slice of cores, so engines do not fight over
     the same cores (when there are more replicas than cores, slices are shared).
+    `ray` (--distributed-executor-backend ray): one replica whose group may span
+    hosts; vLLM's Ray executor places it on the cluster's GPUs, this host's included.
     """
     if device not in DEVICES:
         raise PlacementError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
@@ -82,6 +88,8 @@ def plan(
         raise PlacementError("--replicas must be at least 1")
     if device == "auto":
         device = "cuda" if gpus else "cpu"
+    if ray:
+        return _plan_ray_cluster(device, gpus, tensor_parallel_size, replicas)
     if device == "cuda":
         return _plan_gpus(gpus, tensor_parallel_size, replicas)
     return _plan_cpus(cpus, tensor_parallel_size, replicas)
@@ -106,6 +114,20 @@ def _plan_gpus(gpus: list[int], tp: int, replicas: int | None) -> list[Placement
         Placement(replica=i, device="cuda", gpus=tuple(gpus[i * tp : (i + 1) * tp]))
         for i in range(count)
     ]
+
+
+def _plan_ray_cluster(
+    device: str, gpus: list[int], group: int, replicas: int | None
+) -> list[Placement]:
+    if device != "cuda":
+        raise PlacementError("--distributed-executor-backend ray spans GPU hosts: it needs GPUs")
+    if replicas not in (None, 1):
+        raise PlacementError(
+            "--distributed-executor-backend ray runs one replica across the Ray cluster; "
+            "scale out with more leader groups (Vertex replicas, the GKE autoscaler)"
+        )
+    # Not checked against this host's GPUs: the rest are on the workers that joined.
+    return [Placement(replica=0, device="cuda", gpus=tuple(gpus), cluster_gpus=group)]
 
 
 def _plan_cpus(cpus: list[int], tp: int, replicas: int | None) -> list[Placement]:

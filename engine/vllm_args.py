@@ -41,6 +41,12 @@ class EngineArgs:
     enable_lora: bool = False
     served_model_name: list[str] | None = None
     lora_modules: tuple[str, ...] = ()  # the operator's adapters' names (--lora-modules)
+    distributed_executor_backend: str | None = None
+
+    @property
+    def spans_hosts(self) -> bool:
+        """Ray's executor: one replica over every GPU of the Ray cluster (multi-host)."""
+        return self.distributed_executor_backend == "ray"
 
     @property
     def gpus_per_replica(self) -> int:
@@ -128,4 +134,5 @@ def read_engine_args(argv: list[str]) -> EngineArgs:
         enable_lora=bool(args.enable_lora),
         served_model_name=[served] if isinstance(served, str) else served,
         lora_modules=tuple(m.name for m in args.lora_modules or ()),
+        distributed_executor_backend=args.distributed_executor_backend,
     )

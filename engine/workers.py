@@ -41,6 +41,7 @@ class EngineWorker:
     device: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    cluster_gpus: int = 0  # multi-host: wait for the Ray cluster to hold this many
 
     @property
     def url(self) -> str:
@@ -121,6 +122,7 @@ def build_workers(
             device=p.label,
             argv=engine_argv(python, model, port, served_model_name, passthrough),
             env={**engine_env(p, environ), **(extra_env or {})},
+            cluster_gpus=p.cluster_gpus,
         )
         for p, port in zip(placements, ports, strict=True)
     ]

@@ -1,8 +1,14 @@
 """Health that Vertex and Kubernetes can trust, answered at once from the monitor's state.
 
-200 while at least one engine replica is ready, 503 before that (Vertex keeps
-probing and routes no traffic until 200). A replica that cannot start is
-`failed` with its cause; when every one has failed the status says so too.
+Readiness (`/ping`, `/health`, Vertex's AIP_HEALTH_ROUTE): 200 while at least
+one engine replica is ready, 503 before that (Vertex keeps probing and routes no
+traffic until 200). A replica that cannot start is `failed` with its cause;
+when every one has failed the status says so too.
+
+Liveness (`/live`): 200 whenever nginx and a gateway worker answer, from the
+first second and through a model download of hours, so a liveness probe
+restarts only a container whose front door hangs (the watchdogs restart hung
+parts inside it first).
 """
 
 from __future__ import annotations
@@ -68,9 +74,14 @@ async def health_handler(request: web.Request) -> web.Response:
     return _answer(request, detail=True)
 
 
+async def live_handler(_: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
 def add_routes(app: web.Application, extra_route: str | None) -> None:
-    """/ping, /health and Vertex's AIP_HEALTH_ROUTE."""
+    """/ping, /health and Vertex's AIP_HEALTH_ROUTE; /live."""
     app.router.add_get("/ping", ping_handler)
     app.router.add_get("/health", health_handler)
-    if extra_route and extra_route not in ("/ping", "/health"):
+    app.router.add_get("/live", live_handler)
+    if extra_route and extra_route not in ("/ping", "/health", "/live"):
         app.router.add_get(extra_route, health_handler)

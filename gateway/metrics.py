@@ -125,6 +125,27 @@ def replica_ready_family(replicas: list[ReplicaState]) -> Metric:
     return family
 
 
+# vLLM's queue, one series per engine; the HPA reads one series per pod.
+ENGINE_WAITING = "vllm:num_requests_waiting"
+
+
+def queue_family(engine_families: list[Metric]) -> Metric:
+    """Requests waiting in every engine of this pod, summed: what a per-pod autoscaler reads
+    (a Pods metric needs one series per pod; an engine that did not answer adds nothing)."""
+    waiting = sum(
+        s.value
+        for f in engine_families
+        if f.name == ENGINE_WAITING
+        for s in f.samples
+        if s.name == ENGINE_WAITING
+    )
+    family = GaugeMetricFamily(
+        "vgate_requests_waiting", "requests waiting in this pod's engines, summed"
+    )
+    family.add_metric([], waiting)
+    return family
+
+
 class _Families:
     """A collector that yields families we already hold."""
 
@@ -154,7 +175,8 @@ def render(texts: dict[int, str], replicas: list[ReplicaState]) -> bytes:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     engine_families = merge(f for replica, text in texts.items() for f in relabel(text, replica))
-    registry.register(_Families([replica_ready_family(replicas), *engine_families]))
+    own = [replica_ready_family(replicas), queue_family(engine_families)]
+    registry.register(_Families([*own, *engine_families]))
     return generate_latest(registry)
 
 

@@ -1,4 +1,4 @@
-"""Renders nginx's configuration from the template in nginx/.
+"""Renders nginx's configuration from the templates in gateway/control/nginx/.
 
 The engines upstream lives in its own small file so the health monitor can list
 only ready engines and reload nginx: a vLLM engine accepts connections long
@@ -19,7 +19,7 @@ from engine.workers import EngineWorker
 from gateway.config import Config, ConfigError, gateway_socket
 from gateway.predict.media import MAX_MEDIA_BYTES
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "nginx"
+TEMPLATE_DIR = Path(__file__).with_name("nginx")
 UPSTREAM_FILE = "engines-upstream.conf"
 # vLLM 0.32's public OpenAI routes under /v1/ (/v1/models is the gateway's); the rest
 # there is administrative.
@@ -37,7 +37,7 @@ OPENAI_ROUTES = (
     "score",
     "rerank",
 )
-HEALTH_ROUTES = ("/ping", "/health")
+HEALTH_ROUTES = ("/ping", "/health", "/live")
 # Where Debian (and nginx.org's packages) put dynamic modules.
 MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules", "/etc/nginx/modules")
 JS_MODULE = "ngx_http_js_module.so"

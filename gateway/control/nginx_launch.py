@@ -71,7 +71,9 @@ def main() -> None:
     take_over(run_dir, float(os.environ.get("VGATE_STOP_GRACE", "30")))
     (run_dir / GROUP_FILE).write_text(str(os.getpgrp()))
     nginx = os.environ["VGATE_NGINX"]
-    os.execv(nginx, [nginx, "-c", str(run_dir / "nginx.conf")])
+    # -e: the error log before the configuration is read (not /var/log/nginx, which a
+    # non-root user cannot open).
+    os.execv(nginx, [nginx, "-e", "stderr", "-c", str(run_dir / "nginx.conf")])
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from gateway.control.nginx_config import UPSTREAM_FILE, render_nginx, write_upst
 from gateway.engine_schema import SCHEMA_FILE
 from gateway.state import STATE_FILE
 
-REPO = Path(__file__).resolve().parents[2]
+SUPERVISORD_CONF = Path(__file__).with_name("supervisord.conf")
 
 
 def find_nginx(search_path: str | None = None) -> str:
@@ -129,6 +129,7 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
         placement.usable_cpus(),
         config.engine.gpus_per_replica,
         config.replicas,
+        ray=config.engine.spans_hosts,
     )
     offload, note = host_kv_offload(
         config.host_kv_cache_fraction, available_memory(), len(placements), placements[0].device
@@ -254,7 +255,7 @@ def supervise(run_dir: Path, env: dict[str, str], grace_s: float) -> int:
     reach only this process, or supervisord would stop nginx before the drain.
     """
     raise_open_files()  # every process inherits it
-    conf = str(REPO / "supervisord.conf")
+    conf = str(SUPERVISORD_CONF)
     argv = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", conf]
     child = subprocess.Popen(argv, env=env, process_group=0)
     stopping = threading.Event()

@@ -87,6 +87,9 @@ def test_metrics_show_the_gateway_and_both_replicas(stack: Stack) -> None:
         assert ("vllm:num_requests_running", replica) in metrics
         assert metrics[("vgate_replica_ready", replica)] == 1.0
     assert any(name == "vgate_requests_total" for name, _ in metrics)
+    # The pod's queue for the HPA: one series, the engines' waiting requests summed.
+    waiting = [v for (name, _), v in metrics.items() if name == "vllm:num_requests_waiting"]
+    assert len(waiting) == 2 and metrics[("vgate_requests_waiting", "")] == sum(waiting)
 
 
 def test_requests_spread_over_both_engines(stack: Stack, client: openai.OpenAI) -> None:

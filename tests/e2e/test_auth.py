@@ -30,7 +30,7 @@ PROTECTED = [
     (VERTEX_ENV["AIP_PREDICT_ROUTE"], {"instances": [{"prompt": "hi", "max_tokens": 2}]}),
     ("/metrics", None),
 ]
-OPEN = ["/ping", "/health", VERTEX_ENV["AIP_HEALTH_ROUTE"]]
+OPEN = ["/ping", "/health", "/live", VERTEX_ENV["AIP_HEALTH_ROUTE"]]
 
 
 @pytest.fixture(scope="module")

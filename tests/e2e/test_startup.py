@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from engine.demo_model import MAX_POSITIONS, ensure_demo_model
-from tests.e2e.conftest import MODEL_URI, SERVE, one_replica_stack
+from tests.e2e.conftest import MODEL_URI, SERVE, Stack, one_replica_stack
 from tests.gcs_emulator import FaultyFront
-from tests.helpers import free_port, spawn, stop_tree
+from tests.helpers import free_port, spawn, stop_tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -90,3 +91,27 @@ def test_a_download_that_fails_for_good_ends_the_run_with_its_cause(
         "vgate: no engine replica can start: the model download failed: "
         f"{MODEL_URI}/model.safetensors: checksum mismatch 3 times"
     ), last
+
+
+def test_live_answers_from_the_start_and_through_a_download(tmp_path: Path, storage: str) -> None:
+    """Liveness (`/live`) is 200 while vgate's processes run; readiness (`/ping`) stays 503
+    while the model downloads (here it cannot arrive: 1 byte/s)."""
+    with FaultyFront(storage, bytes_per_s=1).running() as front:
+        env = {**os.environ, "AIP_STORAGE_URI": MODEL_URI, "STORAGE_EMULATOR_HOST": front.url}
+        port = free_port()
+        argv = [*SERVE, "--host", "127.0.0.1", "--port", str(port), "--replicas", "1"]
+        argv += ["--run-dir", str(tmp_path / "run"), "--download-dir", str(tmp_path / "models")]
+        started = time.monotonic()
+        proc = spawn(argv, tmp_path / "serve.log", env)
+        stack = Stack(proc, f"http://127.0.0.1:{port}", tmp_path / "run", tmp_path / "serve.log")
+        try:
+            wait_for(lambda: stack.request("/live", timeout=5)[0] == 200, 60, "/live", every=0.1)
+            print(f"\n/live answered {time.monotonic() - started:.1f} s after start")
+            wait_for(lambda: front.downloads, 60, "the model download to start")
+            for _ in range(10):  # through the download: alive, not ready
+                assert stack.request("/live", timeout=5) == (200, {"status": "alive"})
+                assert stack.request("/ping", timeout=5)[0] == 503
+                time.sleep(0.5)
+            assert proc.poll() is None
+        finally:
+            stop_tree(proc)

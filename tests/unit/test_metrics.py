@@ -3,7 +3,7 @@
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import _Families, merge, relabel, replica_ready_family
+from gateway.metrics import _Families, merge, queue_family, relabel, replica_ready_family
 from gateway.state import ReplicaState
 
 ENGINE = """# HELP vllm:num_requests_running Number of requests running.
@@ -82,3 +82,19 @@ def test_adapter_names_clients_chose_become_counts() -> None:
     assert 'vgate_lora_adapters_running{replica="0"} 2.0' in text  # the newest series
     assert 'vgate_lora_adapters_waiting{replica="1"} 1.0' in text
     assert text.count("# TYPE vgate_lora_adapters_running gauge") == 1
+
+
+WAITING = """# HELP vllm:num_requests_waiting Number of requests waiting.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 4.0
+"""
+
+
+def test_the_pods_queue_is_one_series_summing_its_engines() -> None:
+    engines = merge([*relabel(WAITING, 0), *relabel(WAITING.replace("4.0", "7.0"), 1)])
+    text = _render([queue_family(engines)])
+    (family,) = text_string_to_metric_families(text)
+    assert [(s.name, s.labels, s.value) for s in family.samples] == [
+        ("vgate_requests_waiting", {}, 11.0)
+    ]
+    assert _render([queue_family([])]).count("vgate_requests_waiting 0.0") == 1

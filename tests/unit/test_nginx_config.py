@@ -73,7 +73,7 @@ def test_api_keys_guard_everything_but_health(tmp_path) -> None:
     assert "k" * 20 not in text  # the keys are in the environment, not in a file
     guarded = 'if ($vgate_authorized = "0") { return 401; }'
     locations = _locations(text)
-    for match in ('= "/ping"', '= "/health"', '= "/v1/endpoints/1/deployedModels/2"'):
+    for match in ('= "/ping"', '= "/health"', '= "/live"', '= "/v1/endpoints/1/deployedModels/2"'):
         assert guarded not in locations[match], match
     for match, body in locations.items():
         if match.startswith(("~", "/", '= "/p:predict"')) and "return 404" not in body:
