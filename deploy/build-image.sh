@@ -38,9 +38,12 @@ if ! podman image exists "$base"; then
 fi
 
 # The wheels of vgate's dependencies and of vLLM's CPU build, downloaded once for the
-# Debian base's Python (3.11 on Debian 12, as here); the stamp follows pyproject.toml.
-stamp="$wheels/.pyproject.toml"
-if ! cmp -s "$root/pyproject.toml" "$stamp"; then
+# Debian base's Python (3.11 on Debian 12, as here); again only when those change.
+needs=$("$python" -c 'import sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+print(project["dependencies"], project["optional-dependencies"]["cpu"])' "$root/pyproject.toml")
+stamp="$wheels/.requirements"
+if [ "$needs" != "$(cat "$stamp" 2>/dev/null)" ]; then
   echo "build-image.sh: downloading the wheels into $wheels"
   mkdir -p "$wheels"
   # setuptools and wheel: pip builds vgate itself in the image from them. `pip wheel`
@@ -48,7 +51,7 @@ if ! cmp -s "$root/pyproject.toml" "$stamp"; then
   "$python" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$wheels" \
     "$root[cpu]" "setuptools>=77" wheel
   rm -f "$wheels"/vgate-*  # vgate itself comes from the build context
-  cp "$root/pyproject.toml" "$stamp"
+  echo "$needs" > "$stamp"
 fi
 
 echo "build-image.sh: building $tag"

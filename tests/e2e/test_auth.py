@@ -6,7 +6,10 @@ A stack of its own: `vgate serve DIR --api-key K1 --api-key K2 --enable-admin-ro
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import psutil
@@ -19,6 +22,7 @@ from tests.helpers import descendants, http_json
 pytestmark = pytest.mark.e2e
 
 KEYS = ("vgate-test-key-one", "vgate-test-key-two")
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PROTECTED = [
     ("/v1/models", None),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
@@ -95,3 +99,23 @@ def _cmdline(p: psutil.Process) -> list[str]:
         return p.cmdline()
     except psutil.NoSuchProcess:
         return []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [sys.executable, str(EXAMPLES / "openai_client.py"), "--prompt", "hi"],
+        ["bash", str(EXAMPLES / "curl.sh")],
+    ],
+    ids=["openai_client.py", "curl.sh"],
+)
+def test_the_examples_run_with_the_key_as_on_gke(guarded: Stack, argv: list[str]) -> None:
+    if argv[0] == "bash":
+        argv = [*argv, guarded.base, KEYS[0]]
+    else:
+        argv = [*argv, "--base-url", guarded.base + "/v1", "--api-key", KEYS[0]]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip(), "the example printed no answer"
+    without_key = subprocess.run([*argv[:-1], "nope"], capture_output=True, text=True, timeout=120)
+    assert without_key.returncode != 0  # the key is what let it through
