@@ -38,11 +38,11 @@ def raw_predict(endpoint: aiplatform.Endpoint) -> dict:
 
 def stream(endpoint: aiplatform.Endpoint) -> None:
     body = {"instances": [{"prompt": "Count to five:", "max_tokens": 32, "stream": True}]}
-    for chunk in endpoint.stream_raw_predict(
+    for line in endpoint.stream_raw_predict(
         body=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    ):
-        sys.stdout.write(chunk.data.decode())
-        sys.stdout.flush()
+    ):  # one server-sent event line at a time, as bytes
+        if line:
+            print(line.decode(), flush=True)
 
 
 def main(argv: list[str]) -> None:
