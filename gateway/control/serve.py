@@ -33,6 +33,7 @@ from engine.workers import build_workers, lora_env, save_workers
 from gateway.config import Config, ConfigError, resolve
 from gateway.control.drain import DRAIN_FILE, drain
 from gateway.control.google_args import host_kv_offload, translate
+from gateway.control.log_sink import open_sink
 from gateway.control.monitor import FATAL_FILE
 from gateway.control.nginx_config import UPSTREAM_FILE, render_nginx, write_upstream
 from gateway.engine_schema import SCHEMA_FILE
@@ -85,23 +86,6 @@ def available_memory() -> int:
     return 0
 
 
-def direct_log_path() -> str:
-    """This process's stdout, by a path other processes can open: the container's log.
-
-    The busy writers (nginx's access log, vLLM through engine.launch) write there
-    themselves, a whole line per write, instead of through supervisord's one
-    Python loop, which would stall them when it fell behind (a full pipe blocks
-    nginx's workers). /dev/stdout, through supervisord, if it cannot be opened
-    again (a socket).
-    """
-    path = f"/proc/{os.getpid()}/fd/1"
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
-    except OSError:
-        return "/dev/stdout"
-    return path
-
-
 def read_engine_flags(config: Config) -> Config:
     """The engine flags as vLLM's parser reads them, or the one line it refuses them with."""
     try:
@@ -116,7 +100,7 @@ def read_engine_flags(config: Config) -> Config:
     return dataclasses.replace(config, engine=engine)
 
 
-def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, str]]:
+def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Path, dict[str, str]]:
     """Check everything, write the run dir; return it and supervisord's environment."""
     nginx = find_nginx()
     check_port_free(config.host, config.port)
@@ -197,7 +181,6 @@ def prepare(config: Config, environ: dict[str, str]) -> tuple[Path, dict[str, st
     write_upstream(run_dir, workers, ready=set(), generation="start")
     write_atomic(run_dir / DRAIN_FILE, "")
     conf = run_dir / "nginx.conf"
-    log_path = direct_log_path()
     conf.write_text(render_nginx(config, run_dir, log_path))
     test = subprocess.run(
         [nginx, "-t", "-q", "-c", str(conf)], capture_output=True, text=True, timeout=30
@@ -242,7 +225,7 @@ def raise_open_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def supervise(run_dir: Path, env: dict[str, str], grace_s: float) -> int:
+def supervise(run_dir: Path, env: dict[str, str], grace_s: float, log_fd: int = 1) -> int:
     """Run supervisord until it stops; exit 1 with the cause if the run could not serve.
 
     SIGTERM or SIGINT drains first (new requests get 503, those in flight finish
@@ -257,7 +240,7 @@ def supervise(run_dir: Path, env: dict[str, str], grace_s: float) -> int:
     raise_open_files()  # every process inherits it
     conf = str(SUPERVISORD_CONF)
     argv = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", conf]
-    child = subprocess.Popen(argv, env=env, process_group=0)
+    child = subprocess.Popen(argv, env=env, process_group=0, stdout=log_fd, stderr=log_fd)
     stopping = threading.Event()
 
     def drain_then_stop() -> None:
@@ -302,8 +285,12 @@ def main(argv: list[str]) -> int:
             print(f"vgate: {note}", file=sys.stderr, flush=True)
         config = resolve(translated.argv, os.environ)
         config = dataclasses.replace(config, engine_env=translated.engine_env)
-        run_dir, env = prepare(config, dict(os.environ))
+        sink = open_sink()
+        run_dir, env = prepare(config, dict(os.environ), sink.path)
     except (ConfigError, placement.PlacementError, ModelSourceError, DownloadError) as e:
         print(f"vgate: {e}", file=sys.stderr)
         return 2
-    return supervise(run_dir, env, config.stop_grace)
+    try:
+        return supervise(run_dir, env, config.stop_grace, sink.fd)
+    finally:
+        sink.close()

@@ -50,7 +50,7 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path,
         ],
         {},
     )
-    _, env = prepare(config, dict(os.environ))
+    _, env = prepare(config, dict(os.environ), "/dev/stdout")
     procs = [
         subprocess.Popen(
             [env["VGATE_NGINX"], "-c", str(run_dir / "nginx.conf")], env=env, process_group=0
