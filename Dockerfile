@@ -25,8 +25,12 @@ LABEL org.opencontainers.image.title="vgate" \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /tmp/vgate-src
 
-COPY pyproject.toml README.md LICENSE ./
+# The system packages first: a layer that outlives changes to the code.
 COPY deploy/install.sh deploy/
+RUN deploy/install.sh --venv "${VENV}" --extras "${EXTRAS}" --system-only \
+    && rm -rf /var/lib/apt/lists/*
+
+COPY pyproject.toml README.md LICENSE ./
 COPY engine/ engine/
 COPY gateway/ gateway/
 

@@ -8,6 +8,7 @@
 #                  into the current python (the GPU image, where vLLM comes with the base)
 #   --extras LIST  pip extras, comma separated: cpu (vLLM's CPU build), test
 #   --no-editable  install a copy (the image), not a link to this checkout (make)
+#   --system-only  the system packages alone (the image's first, rarely rebuilt layer)
 # pip's own variables (PIP_FIND_LINKS, PIP_NO_INDEX) reach pip: `make image` points
 # them at the wheels it downloaded once.
 set -euo pipefail
@@ -16,11 +17,13 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.venv"
 extras=""
 editable="-e"
+system_only=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --venv) venv="$2"; shift 2 ;;
     --extras) extras="$2"; shift 2 ;;
     --no-editable) editable=""; shift ;;
+    --system-only) system_only=1; shift ;;
     *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -33,6 +36,14 @@ if { ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; } \
   packages+=(nginx libnginx-mod-http-js)
 fi
 command -v python3 >/dev/null 2>&1 || packages+=(python3 ca-certificates)
+# vLLM's CPU build links libnuma, and torch.compile (its CPU default) builds its
+# kernels with g++ against Python's headers, as vLLM's own CPU image has them.
+if [[ ",$extras," == *",cpu,"* ]]; then
+  ldconfig -p 2>/dev/null | grep -q libnuma.so.1 || packages+=(libnuma1)
+  command -v g++ >/dev/null 2>&1 || packages+=(g++)
+  python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
+    2>/dev/null || packages+=(python3-dev)
+fi
 if [ "$venv" != "system" ] && [ ! -x "$venv/bin/python" ] \
     && ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
   packages+=(python3-venv)
@@ -47,6 +58,7 @@ if [ ${#packages[@]} -gt 0 ]; then
   # Debian starts the packaged service; vgate runs its own nginx.
   $sudo service nginx stop >/dev/null 2>&1 || true
 fi
+[ -z "$system_only" ] || exit 0
 
 if [ "$venv" = "system" ]; then
   python=python3

@@ -27,6 +27,7 @@ from tests.helpers import free_port, spawn, stop_tree, wait_for
 pytestmark = pytest.mark.e2e
 
 IMAGE = os.environ.get("VGATE_IMAGE", "localhost/vgate:cpu")
+VENV = "/opt/vgate/venv"  # the CPU image's (Dockerfile: VENV)
 STARTUP_DEADLINE_S = 600  # a bound, not a size: the engine starts in about a minute here
 STOP_DEADLINE_S = 90  # the stop grace (30 s), then every program's stop timeout
 
@@ -129,11 +130,18 @@ def test_every_process_is_the_images_user_and_code_the_installed_copy(
     assert {uid for _, uid in users} == {int(image_config["User"])}, users
     where = _buildah("run", "--isolation", "chroot", container.name, "--", "python3", "-c",
                      "import gateway.control.serve as s; print(s.SUPERVISORD_CONF)")  # fmt: skip
-    assert where.strip().startswith("/opt/vgate/venv/lib/python3"), where
+    assert where.strip().startswith(f"{VENV}/lib/python3"), where
 
 
 def test_sigterm_stops_the_image(container: Container) -> None:
-    """Last: buildah passes SIGTERM to the entrypoint, which drains and exits 0."""
+    """Last. The runtime signals the container's first process, the entrypoint: it
+    drains and exits 0, and nothing of the container is left."""
     proc = container.stack.proc
-    proc.send_signal(signal.SIGTERM)
+    family = psutil.Process(proc.pid).children(recursive=True)
+    (entrypoint,) = [
+        p for p in family if p.cmdline()[:3] == [f"{VENV}/bin/python", f"{VENV}/bin/vgate", "serve"]
+    ]
+    entrypoint.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=STOP_DEADLINE_S) == 0, container.stack.log_tail()
+    left = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [p.cmdline() for p in left]
