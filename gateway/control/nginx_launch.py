@@ -71,9 +71,9 @@ def main() -> None:
     take_over(run_dir, float(os.environ.get("VGATE_STOP_GRACE", "30")))
     (run_dir / GROUP_FILE).write_text(str(os.getpgrp()))
     nginx = os.environ["VGATE_NGINX"]
-    # -e: the error log before the configuration is read (not /var/log/nginx, which a
-    # non-root user cannot open).
-    os.execv(nginx, [nginx, "-e", "stderr", "-c", str(run_dir / "nginx.conf")])
+    # No `-e stderr`: nginx before 1.19.5 (Ubuntu 22.04's, in GPU bases) refuses it; a
+    # non-root nginx that cannot open its built-in error log writes to stderr anyway.
+    os.execv(nginx, [nginx, "-c", str(run_dir / "nginx.conf")])
 
 
 if __name__ == "__main__":
