@@ -53,8 +53,16 @@ if [ ${#packages[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
+  if [[ " ${packages[*]} " == *" libnginx-mod-http-js "* ]] \
+      && ! apt-cache show libnginx-mod-http-js >/dev/null 2>&1; then
+    # Older releases (Ubuntu 22.04) have no njs package: vgate serves, but --api-key
+    # then stops it at start with the reason.
+    echo "install.sh: no libnginx-mod-http-js here: --api-key will not be available" >&2
+    packages=("${packages[@]/libnginx-mod-http-js}")
+  fi
+  # shellcheck disable=SC2068  # unquoted: the entry emptied above must vanish
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-    "${packages[@]}" >/dev/null
+    ${packages[@]} >/dev/null
   # Debian starts the packaged service; vgate runs its own nginx.
   $sudo service nginx stop >/dev/null 2>&1 || true
 fi
