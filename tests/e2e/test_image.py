@@ -9,12 +9,14 @@ with the image's entrypoint, which shares the host's network).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import openai
@@ -23,11 +25,13 @@ import pytest
 
 from tests.e2e.conftest import MODEL_URI, VERTEX_ENV, Stack
 from tests.helpers import free_port, spawn, stop_tree, wait_for
+from tests.vertex_front import ENDPOINT, vertex_front
 
 pytestmark = pytest.mark.e2e
 
 IMAGE = os.environ.get("VGATE_IMAGE", "localhost/vgate:cpu")
 VENV = "/opt/vgate/venv"  # the CPU image's (Dockerfile: VENV)
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 STARTUP_DEADLINE_S = 600  # a bound, not a size: the engine starts in about a minute here
 STOP_DEADLINE_S = 90  # the stop grace (30 s), then every program's stop timeout
 
@@ -115,6 +119,29 @@ def test_the_image_serves_predict_and_openai(container: Container) -> None:
         model="", messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )
     assert chat.usage.completion_tokens == 4
+
+
+def test_the_vertex_sdk_example_predicts_through_vertexs_path(container: Container) -> None:
+    """examples/vertex_predict.py's `Endpoint.predict` (a text and a chat instance), with
+    the real aiplatform SDK, through Vertex's prediction path (tests/vertex_front.py)."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import aiplatform
+
+    spec = importlib.util.spec_from_file_location("vertex_predict", EXAMPLES / "vertex_predict.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    predict_url = container.stack.base + VERTEX_ENV["AIP_PREDICT_ROUTE"]
+    with vertex_front(predict_url) as front:
+        aiplatform.init(
+            project="p",
+            location="us-central1",
+            api_endpoint=front,
+            api_transport="rest",
+            credentials=AnonymousCredentials(),
+        )
+        text, chat = example.predict(aiplatform.Endpoint(ENDPOINT))
+    assert text.startswith("Prompt:\nWhat is Vertex AI?\nOutput:\n"), text
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"]
 
 
 def test_every_process_is_the_images_user_and_code_the_installed_copy(
