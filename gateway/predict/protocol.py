@@ -129,7 +129,27 @@ def parse_envelope(body: bytes, max_instances: int) -> Envelope:
     if not isinstance(parameters, dict):
         raise _bad("parameters: must be an object")
     request_format = _request_format("@requestFormat", request.get("@requestFormat"))
-    return Envelope(instances, parameters, request_format)
+    return Envelope(integral(instances), integral(parameters), request_format)
+
+
+EXACT_INTEGERS = 2**53  # beyond this a double does not hold every integer
+
+
+def integral(value: Any) -> Any:
+    """Whole-number floats as ints, everywhere in `value`.
+
+    Vertex's API carries instances as protobuf Structs, whose numbers are doubles:
+    a client's `"max_tokens": 64` can reach the container as 64.0 (Google's SDK
+    sends it so). JSON does not tell the two apart; vLLM's integer fields and the
+    checks here want 64.
+    """
+    if isinstance(value, float) and value.is_integer() and abs(value) < EXACT_INTEGERS:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [integral(v) for v in value]
+    return value
 
 
 def parse_instances(

@@ -157,6 +157,20 @@ def test_a_bad_part_deep_in_a_long_message_is_named(schemas: RequestSchemas) -> 
     assert _error(schemas, body) == "instances[0].messages[0].content[700]: must be object"
 
 
+def test_whole_number_floats_are_integers_as_vertexs_structs_send_them(
+    schemas: RequestSchemas,
+) -> None:
+    """Google's SDK sends instances as protobuf Structs: 64 arrives as 64.0."""
+    (text,) = _parse(
+        schemas, {"instances": [{"prompt": "x", "max_tokens": 64.0, "n": 2.0, "top_p": 0.5}]}
+    )
+    assert text.request["max_tokens"] == 64 and isinstance(text.request["max_tokens"], int)
+    assert text.request["n"] == 2 and text.sequences == 2 and text.request["top_p"] == 0.5
+    assert "must be a positive integer" in _error(
+        schemas, {"instances": [{"prompt": "x", "max_tokens": 64.5}]}
+    )
+
+
 def test_parameters_are_defaults_and_instance_fields_win(schemas: RequestSchemas) -> None:
     parsed = _parse(
         schemas,
