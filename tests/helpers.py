@@ -129,15 +129,22 @@ class _Counted(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def counting_http_server() -> Iterator[tuple[int, Callable[[], int]]]:
-    """An HTTP server on loopback that answers GETs and counts them: (port, hits())."""
-    handler = type("Counted", (_Counted,), {"hits": 0})
+def loopback_http(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
+    """`handler` served on a loopback port in a thread (the port), stopped on exit."""
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        yield httpd.server_address[1], lambda: handler.hits
+        yield httpd.server_address[1]
     finally:
         httpd.shutdown()
         httpd.server_close()
         thread.join(10)
+
+
+@contextlib.contextmanager
+def counting_http_server() -> Iterator[tuple[int, Callable[[], int]]]:
+    """An HTTP server on loopback that answers GETs and counts them: (port, hits())."""
+    handler = type("Counted", (_Counted,), {"hits": 0})
+    with loopback_http(handler) as port:
+        yield port, lambda: handler.hits

@@ -10,12 +10,13 @@ code talks to a real vgate. Vertex's control plane and authentication are not he
 from __future__ import annotations
 
 import json
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from tests.helpers import loopback_http
 
 ENDPOINT = "projects/p/locations/us-central1/endpoints/123"
 DEPLOYED_MODEL_ID = "456"
@@ -59,11 +60,5 @@ def vertex_front(predict_url: str) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Front)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with loopback_http(Front) as port:
+        yield f"http://127.0.0.1:{port}"

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
+
+from tests.helpers import loopback_http
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "vertex" / "deploy.py"
 MODEL = "projects/p/locations/us-central1/models/123"
@@ -72,14 +73,8 @@ class Recorder(BaseHTTPRequestHandler):
 @pytest.fixture
 def vertex() -> Iterator[str]:
     Recorder.seen = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with loopback_http(Recorder) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_the_upload_carries_googles_container_spec(vertex: str) -> None:
