@@ -132,8 +132,8 @@ class AdapterCache:
         """`release(name)`: make every engine let go of an adapter before it is evicted;
         False when one may still hold it (then it stays).
 
-        `max_adapter_bytes` (--lora-max-bytes): a larger adapter is refused, a gs:// one
-        before anything is fetched. `fetch_timeout_s` (--lora-fetch-timeout): a fetch
+        `max_adapter_bytes` (--lora-max-bytes): a larger adapter is refused before anything
+        is fetched (from a gs:// listing or the hub's metadata). `fetch_timeout_s` (--lora-fetch-timeout): a fetch
         still running then is stopped.
         """
         self.root = root
@@ -254,7 +254,12 @@ def fetch_into(source: AdapterSource, entry: Path, limit: int) -> None:
         else:
             from huggingface_hub import snapshot_download
 
-            snapshot_download(source.name, local_dir=entry, allow_patterns=ADAPTER_FILES)
+            revision = _hub_check_size(source.name, limit)
+            snapshot_download(
+                source.name, revision=revision, local_dir=entry, allow_patterns=ADAPTER_FILES
+            )
+    except AdapterError:
+        raise
     except TooLarge as e:
         raise AdapterError(f"adapter {e} (--lora-max-bytes)") from None
     except DownloadError as e:
@@ -265,10 +270,37 @@ def fetch_into(source: AdapterSource, entry: Path, limit: int) -> None:
                 f"adapter {source.name!r}: no space left on the adapter cache's disk"
             ) from None
         raise AdapterError(f"adapter {source.name!r}: {type(e).__name__}: {e}") from None
-    if _size(entry) > limit:  # the hub's files, seen only once here
+    if _size(entry) > limit:  # the hub's metadata said less: not trusted blind
         raise AdapterError(f"adapter {source.name!r}: more than {limit} bytes (--lora-max-bytes)")
     if not (entry / ADAPTER_CONFIG).is_file():
         raise AdapterError(f"adapter {source.name!r}: no {ADAPTER_CONFIG}")
+
+
+def _hub_check_size(repo_id: str, limit: int) -> str:
+    """The commit to fetch, once the hub's metadata says its adapter files fit in `limit`.
+
+    Sized before any byte is fetched (as a gs:// listing is), and fetched at that very
+    commit, so a branch moved in between cannot bring other files.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
+
+    info = HfApi().model_info(repo_id, files_metadata=True)
+    files = {s.rfilename: s for s in info.siblings or []}
+    total = 0
+    for name in filter_repo_objects(list(files), allow_patterns=ADAPTER_FILES):
+        sibling = files[name]
+        size = sibling.lfs.size if sibling.lfs is not None else sibling.size
+        if size is None:  # not said: not fetched blind
+            raise AdapterError(f"adapter {repo_id!r}: the hub did not give the size of {name}")
+        total += size
+    if total > limit:
+        raise AdapterError(
+            f"adapter {repo_id!r}: {total} bytes, more than the {limit} allowed (--lora-max-bytes)"
+        )
+    if not info.sha:
+        raise AdapterError(f"adapter {repo_id!r}: the hub did not give a commit")
+    return info.sha
 
 
 def _no_space(error: BaseException | None) -> bool:

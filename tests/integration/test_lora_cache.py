@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import re
 import subprocess
@@ -10,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import psutil
 import pytest
@@ -22,6 +25,7 @@ from engine.lora_cache import (
     classify_adapter,
 )
 from tests.gcs_emulator import FaultyFront, client, emulator, upload_dir
+from tests.helpers import loopback_http
 
 BUCKET = "adapters"
 
@@ -242,3 +246,69 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+class _Hub(http.server.BaseHTTPRequestHandler):
+    """A Hugging Face hub stand-in: the API's metadata of one repo whose adapter weights
+    are larger than the cap; requests for a file (outside /api/) are counted."""
+
+    file_requests: ClassVar[list[str]] = []
+    weights_bytes = 50_000
+
+    def _answer(self) -> None:
+        path = self.path.split("?")[0]
+        files = [  # (name, size, LFS): the README is large but no adapter file
+            (ADAPTER_CONFIG, 30, False),
+            ("adapter_model.safetensors", self.weights_bytes, True),
+            ("README.md", 10**12, False),
+        ]
+        if path.startswith("/api/models/org/big-adapter/tree/"):  # list_repo_tree
+            body: object = [
+                {"type": "file", "path": name, "size": size, "oid": "b" * 40}
+                | ({"lfs": {"oid": "d" * 64, "size": size, "pointerSize": 134}} if lfs else {})
+                for name, size, lfs in files
+            ]
+        elif path.startswith("/api/models/org/big-adapter"):  # model_info / repo_info
+            siblings = [
+                {"rfilename": name, "size": size, "blobId": "b" * 40}
+                | ({"lfs": {"sha256": "d" * 64, "size": size, "pointerSize": 134}} if lfs else {})
+                for name, size, lfs in files
+            ]
+            body = {"id": "org/big-adapter", "sha": "a" * 40, "siblings": siblings}
+        else:
+            body = None
+            if not path.startswith("/api/"):  # the hub's other API calls are no file
+                type(self).file_requests.append(self.path)
+        if body is not None:
+            raw = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+        else:
+            raw = b"x"
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(raw)
+
+    do_GET = do_HEAD = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_hugging_face_adapter_over_the_cap_is_refused_from_the_hub_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = type("Hub", (_Hub,), {"file_requests": []})
+    with loopback_http(hub) as port:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")  # the fetch's child reads it
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        cache = AdapterCache(tmp_path / "cache", 10**9, max_adapter_bytes=20_000)
+        # The config and the weights; the README is large too, but no adapter file.
+        too_large = r"^adapter 'org/big-adapter': 50030 bytes, more than the 20000 allowed"
+        with pytest.raises(AdapterError, match=too_large + r" \(--lora-max-bytes\)$"):
+            cache.pinned("org/big-adapter").__enter__()
+    assert hub.file_requests == []  # sized from the metadata: no file was asked for
+    assert not cache.entry(classify_adapter("org/big-adapter")).exists()
