@@ -6,6 +6,7 @@ so /ping and /health answer at once, never by waiting on an engine.
 
 from __future__ import annotations
 
+import errno
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,9 +37,25 @@ class ReplicaState:
 
 
 def write_state(path: Path, replicas: list[ReplicaState], now: float | None = None) -> None:
+    """Replace the file whole; on a full disk, overwrite it where it is.
+
+    Its freshness is the monitor's heartbeat (the watchdog and the gateways read
+    `updated`), so a disk filled by something else must not stop it: a file of a few
+    hundred bytes keeps its block, while the atomic way needs a new file. A reader
+    that catches the overwrite half done fails to parse it and keeps its last reading.
+    """
     body = {"updated": time.time() if now is None else now}
     body["replicas"] = [r.public() for r in replicas]
-    write_atomic(path, orjson.dumps(body))
+    data = orjson.dumps(body)
+    try:
+        write_atomic(path, data)
+    except OSError as e:
+        if e.errno != errno.ENOSPC or not path.exists():
+            raise
+        path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # its blocks back
+        with path.open("r+b") as f:
+            f.write(data)
+            f.truncate()
 
 
 class StateReader:

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import signal
 import time
 import xmlrpc.client
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -287,20 +289,44 @@ async def stop_failed(
         log.debug("supervisord did not take the shutdown (it may be going already): %s", e)
 
 
+def written(kind: str, write: Callable[[], None], unwritable: set[str]) -> bool:
+    """Write one of the files other processes read; False when it could not be.
+
+    A full disk (or any other OSError) must not end the monitor: health is served
+    from what it wrote last, and the write is tried again on the next poll. A
+    warning once while `kind` stays unwritable (`unwritable` remembers), not per poll.
+    """
+    try:
+        write()
+    except OSError as e:
+        if kind not in unwritable:
+            unwritable.add(kind)
+            log.warning("%s not written, the last one stands; retrying each poll: %s", kind, e)
+        return False
+    if kind in unwritable:
+        unwritable.discard(kind)
+        log.warning("%s written again", kind)
+    return True
+
+
 async def apply_upstream(
     internal: aiohttp.ClientSession,
     supervisor: Supervisor,
     run_dir: Path,
     workers: list[EngineWorker],
     ready: set[int],
+    unwritable: set[str] | None = None,
 ) -> bool:
     """Point nginx at the `ready` engines; True once its workers route by the new list.
 
     A reload (SIGHUP) returns before nginx has read the file; the file carries a
     generation that nginx's internal listener echoes, so we know when it took.
+    `unwritable`: see written().
     """
     generation = str(time.time_ns())
-    write_upstream(run_dir, workers, ready, generation)
+    upstream = functools.partial(write_upstream, run_dir, workers, ready, generation)
+    if not written("nginx upstream file", upstream, set() if unwritable is None else unwritable):
+        return False  # nginx keeps routing by the last file; tried again next poll
     try:
         async with asyncio.timeout(RPC_TIMEOUT_S):
             await asyncio.to_thread(supervisor.reload_nginx)
@@ -329,6 +355,7 @@ async def run(run_dir: Path) -> None:
     watches = watches_from(last, workers)
     known: dict[int, tuple[str, int]] = {}
     stopped: set[int] = set()  # failed replicas, no longer restarted
+    unwritable: set[str] = set()  # files a full disk keeps us from writing
     timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
     # A new connection each time: a kept-alive one may still reach a worker of the old config.
     internal_socket = aiohttp.UnixConnector(path=str(run_dir / "engines.sock"), force_close=True)
@@ -359,11 +386,12 @@ async def run(run_dir: Path) -> None:
             ready = {r.replica for r in replicas if r.state == READY}
             routed = routed & ready  # an engine that fails stops counting at once
             if ready != applied and await apply_upstream(
-                internal, supervisor, run_dir, workers, ready
+                internal, supervisor, run_dir, workers, ready, unwritable
             ):
                 applied, routed = ready, set(ready)
             replicas = _not_ready_unless(replicas, routed)
-            write_state(run_dir / STATE_FILE, replicas)
+            state = functools.partial(write_state, run_dir / STATE_FILE, replicas)
+            written("state file", state, unwritable)
             await stop_failed(supervisor, run_dir, replicas, stopped)
             for r in replicas:
                 if previous.get(r.replica) != r.state:

@@ -86,3 +86,17 @@ def test_the_probes_and_grace_fit_vgate(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert check.returncode != 0
+
+
+def test_the_adapter_cache_has_a_volume_of_its_own() -> None:
+    """Adapters that clients name cannot fill the disk of the run dir and the model."""
+    spec = _documents(GKE / "deployment.yaml")[0]["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    (cache_dir,) = [
+        a.split("=", 1)[1] for a in container["args"] if a.startswith("--lora-cache-dir=")
+    ]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == cache_dir]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    others = [m["mountPath"] for m in container["volumeMounts"] if m is not mount]
+    assert not any(cache_dir.startswith(p.rstrip("/") + "/") for p in others)
+    assert volume["emptyDir"]["sizeLimit"]
