@@ -5,7 +5,8 @@ Storage; the gateway reads such objects with the same credentials as the model
 download and hands them over as data: URLs. It does so only from the buckets
 the operator allows (--allowed-media-buckets; none by default: the container's
 service account is not every caller's), at most MAX_MEDIA_ITEMS objects and
-MAX_MEDIA_BYTES in all per request, each distinct object read once.
+MAX_MEDIA_BYTES in all per request, each distinct object read once but counted
+once per use: every engine body carries its own copy.
 """
 
 from __future__ import annotations
@@ -36,12 +37,25 @@ class MediaReader:
         self._allowed = allowed_buckets
 
     async def inline(self, instances: list[Instance]) -> list[Instance]:
-        """The instances with every gs:// media URL replaced by a data: URL."""
+        """The instances with every gs:// media URL replaced by a data: URL.
+
+        The limit holds for what the engines receive: each instance's body carries its
+        own copy (`parameters` copies media into every instance), so an object read
+        once counts once per use, and so do data: URLs already inline.
+        """
         wanted: dict[str, str] = {}  # uri -> where it is first named
+        uses: dict[str, int] = {}
+        budget = MAX_MEDIA_BYTES
         for i, inst in enumerate(instances):
             for ref in _media_refs(inst.request):
-                if is_gcs(ref.get("url")):
-                    wanted.setdefault(ref["url"], f"instances[{i}]")
+                url = ref.get("url")
+                if is_gcs(url):
+                    wanted.setdefault(url, f"instances[{i}]")
+                    uses[url] = uses.get(url, 0) + 1
+                elif isinstance(url, str) and url.startswith("data:"):
+                    budget -= _data_bytes(url)
+                    if budget < 0:
+                        raise ApiError(400, f"instances[{i}]: a data: URL: {_limit()}")
         if not wanted:
             return instances
         if len(wanted) > MAX_MEDIA_ITEMS:
@@ -53,10 +67,13 @@ class MediaReader:
         for uri, where in wanted.items():
             self._check(where, uri)
         data: dict[str, str] = {}
-        budget = MAX_MEDIA_BYTES
         for uri, where in wanted.items():
-            data[uri], size = await self._data_url(where, uri, budget)
-            budget -= size
+            # Read once, at most what its uses leave room for (plus one byte, to tell).
+            data[uri], size = await self._data_url(where, uri, budget // uses[uri])
+            if size * uses[uri] > budget:
+                many = f" (it is used {uses[uri]} times, and each use counts)"
+                raise ApiError(400, f"{where}: {uri}: {_limit()}{many * (uses[uri] > 1)}")
+            budget -= size * uses[uri]
         return [self._inlined(inst, data) for inst in instances]
 
     @staticmethod
@@ -82,7 +99,8 @@ class MediaReader:
             )
 
     async def _data_url(self, where: str, uri: str, budget: int) -> tuple[str, int]:
-        """The object as a data: URL, and its size; more than `budget` bytes is a 400."""
+        """The object as a data: URL, and its size; of more than `budget` bytes, only
+        the first `budget` + 1 are read (the caller refuses it)."""
         bucket, name = split_uri(uri)
         if self._client is None:
             self._client = await asyncio.to_thread(make_client)
@@ -97,13 +115,22 @@ class MediaReader:
             raise ApiError(400, f"{where}: {uri}: no permission to read it") from None
         except gexc.GoogleAPIError as e:
             raise ApiError(502, f"{where}: {uri}: Cloud Storage error: {e}") from None
-        if len(data) > budget:
-            limit = f"media of a request are at most {MAX_MEDIA_BYTES} bytes in all"
-            raise ApiError(400, f"{where}: {uri}: {limit}")
         kind = blob.content_type  # from the download's headers
         if kind in (None, "", "application/octet-stream"):  # not set on upload: by the name
             kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
         return f"data:{kind};base64,{base64.b64encode(data).decode()}", len(data)
+
+
+def _limit() -> str:
+    return f"media of a request are at most {MAX_MEDIA_BYTES} bytes in all"
+
+
+def _data_bytes(url: str) -> int:
+    """The bytes a data: URL carries (base64 decoded without decoding it)."""
+    header, _, payload = url.partition(",")
+    if header.endswith(";base64"):
+        return len(payload.rstrip("=")) * 3 // 4
+    return len(payload)
 
 
 def _media_refs(request: dict[str, Any]) -> list[dict[str, Any]]:

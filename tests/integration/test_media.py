@@ -80,14 +80,54 @@ def test_media_over_the_limit_in_all_is_a_400(image_uri: str, monkeypatch) -> No
     assert all(_urls(d)[0].startswith("data:image/png;base64,") for d in done)
 
 
-def test_one_object_named_many_times_is_read_once_and_counted_once(
+def test_one_object_named_many_times_is_read_once_and_counted_per_use(
     image_uri: str, monkeypatch
 ) -> None:
-    monkeypatch.setattr(media, "MAX_MEDIA_BYTES", len(PNG))
+    reads = []
+    monkeypatch.setattr(media, "MAX_MEDIA_BYTES", 6 * len(PNG))  # 3 instances x 2 parts
+    real = MediaReader._data_url
+
+    async def counted(self: MediaReader, where: str, uri: str, allowance: int) -> object:
+        reads.append(uri)
+        return await real(self, where, uri, allowance)
+
+    monkeypatch.setattr(MediaReader, "_data_url", counted)
     done = asyncio.run(MediaReader(ALLOWED).inline([_instance(image_uri, image_uri)] * 3))
     assert {url for d in done for url in _urls(d)} == {
         "data:image/png;base64," + base64.b64encode(PNG).decode()
     }
+    assert reads == [image_uri]
+
+
+def test_one_object_in_every_instance_counts_once_per_instance(image_uri: str, monkeypatch) -> None:
+    """`parameters.messages` (or multi_modal_data) is copied into each of 64 instances, and
+    each engine body carries the object inlined: 64 copies count against the limit."""
+    limit = 64 * len(PNG) - 1  # one copy is far below it, 64 are one byte over
+    monkeypatch.setattr(media, "MAX_MEDIA_BYTES", limit)
+    with pytest.raises(ApiError) as info:
+        asyncio.run(MediaReader(ALLOWED).inline([_instance(image_uri)] * 64))
+    assert info.value.status == 400
+    assert info.value.message == (
+        f"instances[0]: {image_uri}: media of a request are at most {limit} bytes in all "
+        "(it is used 64 times, and each use counts)"
+    )
+    monkeypatch.setattr(media, "MAX_MEDIA_BYTES", 64 * len(PNG))
+    done = asyncio.run(MediaReader(ALLOWED).inline([_instance(image_uri)] * 64))
+    assert len(done) == 64
+
+
+def test_inline_data_urls_copied_into_instances_count_too(monkeypatch) -> None:
+    url = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    monkeypatch.setattr(media, "MAX_MEDIA_BYTES", 64 * len(PNG) - 1)
+    with pytest.raises(ApiError) as info:
+        asyncio.run(MediaReader().inline([_instance(url)] * 64))
+    assert info.value.status == 400
+    assert info.value.message == (
+        f"instances[63]: a data: URL: media of a request are at most {64 * len(PNG) - 1} "
+        "bytes in all"
+    )
+    monkeypatch.setattr(media, "MAX_MEDIA_BYTES", 64 * len(PNG))
+    assert len(asyncio.run(MediaReader().inline([_instance(url)] * 64))) == 64
 
 
 def test_only_allowed_buckets_and_a_bounded_count(image_uri: str, monkeypatch) -> None:
