@@ -40,6 +40,8 @@ NAME = ".vgate-name"  # the adapter's name, in its entry
 ENTRIES = "adapters"
 LOCKS = ".locks"
 GCS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+MAX_NAME_CHARS = 256
+NAME_CHARS = re.compile(r"[A-Za-z0-9._\-/:+=@~]+")
 HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 # What of a Hugging Face repo an adapter needs: never a whole model's weights.
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "*.json"]
@@ -93,8 +95,21 @@ def policy_from_env() -> AdapterPolicy:
     return AdapterPolicy(None if not raw else tuple(json.loads(raw)))
 
 
+def check_adapter_name(name: str) -> None:
+    """Any adapter name a client sends, a --lora-modules one included, is bounded.
+
+    vLLM keeps a lock for every name it is asked to resolve, for good; HF ids, gs://
+    URIs and paths need no more than this.
+    """
+    if len(name) > MAX_NAME_CHARS:
+        raise AdapterError(f"adapter {name[:32]!r}...: at most {MAX_NAME_CHARS} characters")
+    if not NAME_CHARS.fullmatch(name):
+        raise AdapterError(f"adapter {name!r}: only letters, digits and . _ - / : + = @ ~")
+
+
 def classify_adapter(name: str) -> AdapterSource:
     """What kind of name this is, without touching the network."""
+    check_adapter_name(name)
     if is_gcs(name):
         try:
             bucket, prefix = split_uri(name)
@@ -132,9 +147,9 @@ class AdapterCache:
         """`release(name)`: make every engine let go of an adapter before it is evicted;
         False when one may still hold it (then it stays).
 
-        `max_adapter_bytes` (--lora-max-bytes): a larger adapter is refused before anything
-        is fetched (from a gs:// listing or the hub's metadata). `fetch_timeout_s` (--lora-fetch-timeout): a fetch
-        still running then is stopped.
+        `max_adapter_bytes` (--lora-max-bytes): a larger adapter is refused before
+        anything is fetched (from a gs:// listing or the hub's metadata).
+        `fetch_timeout_s` (--lora-fetch-timeout): a fetch still running then is stopped.
         """
         self.root = root
         self.max_bytes = max_bytes

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from engine.lora_cache import AdapterError, AdapterPolicy, classify_adapter
+from engine.lora_cache import AdapterError, AdapterPolicy, check_adapter_name, classify_adapter
 from gateway.errors import ApiError
 from gateway.predict.validation import CHAT, COMPLETION, RequestSchemas
 
@@ -290,11 +290,12 @@ def _adapter(lora: Any, where: str, policy: AdapterPolicy | None) -> str:
         raise _bad(f"{where}: must be a non-empty string")
     if policy is None:
         raise _bad(f"{where}: the engines run without LoRA; start vgate serve with --enable-lora")
-    if "/" in lora:  # not the name of an adapter loaded at start: a source
-        try:
+    try:
+        check_adapter_name(lora)  # bounded, even as a name vLLM alone knows
+        if "/" in lora:  # not the name of an adapter loaded at start: a source
             policy.check(classify_adapter(lora))
-        except AdapterError as e:
-            raise _bad(f"{where}: {e}") from None
+    except AdapterError as e:
+        raise _bad(f"{where}: {e}") from None
     return lora
 
 

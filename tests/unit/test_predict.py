@@ -392,3 +392,25 @@ def test_adapter_sources_outside_the_allow_list_are_refused(schemas: RequestSche
     # Google's rule by default: gs:// and Hugging Face ids, no local path.
     body = {"instances": [{"prompt": "a", "model": "/etc/adapters"}]}
     assert _error(schemas, body).endswith("is not allowed here (--allowed-lora-sources)")
+
+
+@pytest.mark.parametrize("field", ["dynamic-lora", "model"])
+def test_adapter_names_are_bounded_in_length_and_characters(
+    schemas: RequestSchemas, field: str
+) -> None:
+    """vLLM keeps a lock per name it is asked for, forever: no unbounded names reach it."""
+    policy = AdapterPolicy(("gs://bkt/", "my-org/", "/srv/"))
+    for name in ("x" * 256, "gs://bkt/" + "a" * 247, "my-org/sql_v1.2", "/srv/a/b+c@d=e~f:g"):
+        body = {"instances": [{"prompt": "a", field: name}]}
+        (inst,) = _parse(schemas, body, lora=policy)
+        assert inst.request["model"] == name
+    for name in ("x" * 257, "gs://bkt/" + "a" * 248):
+        body = {"instances": [{"prompt": "a", field: name}]}
+        assert _error(schemas, body) == (
+            f"instances[0].{field}: adapter {name[:32]!r}...: at most 256 characters"
+        )
+    for name in ("sql adapter", "sql\n", "ünï", "a;b", "a%2Fb"):
+        body = {"instances": [{"prompt": "a", field: name}]}
+        assert _error(schemas, body) == (
+            f"instances[0].{field}: adapter {name!r}: only letters, digits and . _ - / : + = @ ~"
+        )
