@@ -33,6 +33,7 @@ log = logging.getLogger("vgate.lora")
 
 # Longest an adapter stays pinned after resolving while vLLM loads it.
 PIN_AFTER_RESOLVE_S = 60
+UNLOAD_TIMEOUT_S = 5.0  # an engine that has not answered an unload by then may hold it
 _unpinning: set[asyncio.Task] = set()
 # vgate's blocking work, off vLLM's default executor (which vLLM uses too), and fetches
 # apart from the short calls, so that long downloads never hold up an unpin or eviction.
@@ -83,7 +84,7 @@ def unload_everywhere(name: str) -> bool:
             url + "/v1/unload_lora_adapter", body, {"Content-Type": "application/json"}
         )
         try:
-            urllib.request.urlopen(request, timeout=5).close()
+            urllib.request.urlopen(request, timeout=UNLOAD_TIMEOUT_S).close()
         except urllib.error.HTTPError as e:
             e.close()
             if e.code != 404:  # 404: it never had it
