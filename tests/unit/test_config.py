@@ -135,3 +135,17 @@ def test_open_files_are_raised_to_what_the_host_allows() -> None:
     assert open_files_target(1024, 1048576) == 1048576
     assert open_files_target(4096, 4096) == 4096
     assert open_files_target(1024, resource.RLIM_INFINITY) == 1 << 20
+
+
+@pytest.mark.parametrize("variable", ["VGATE_API_KEY", "VLLM_API_KEY"])
+def test_a_key_from_either_variable_is_the_key(variable: str) -> None:
+    assert resolve([], {variable: "key-one-1,key-two-2"}).api_keys == ["key-one-1", "key-two-2"]
+
+
+def test_the_saved_config_has_no_key(tmp_path) -> None:
+    config = resolve(["--api-key", "secret-key-one"], {"VGATE_API_KEY": "secret-key-two"})
+    assert config.api_keys == ["secret-key-one"]
+    config.save(tmp_path / "c.json")
+    text = (tmp_path / "c.json").read_text()
+    assert "secret-key" not in text
+    assert Config.load(tmp_path / "c.json").api_keys == []
