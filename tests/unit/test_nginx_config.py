@@ -94,3 +94,20 @@ def test_admin_routes_on_request_behind_the_key(tmp_path) -> None:
     admin = _locations(render_nginx(config, tmp_path))["/v1/"]
     assert 'if ($vgate_authorized = "0") { return 401; }' in admin
     assert "proxy_pass http://engines;" in admin
+
+
+def _front_server(text: str) -> tuple[str, str]:
+    """(the http block's own settings, the front door's server block)."""
+    http, _, servers = text.partition("    server {")
+    front = servers.split("    server {")[0]
+    assert "listen 0.0.0.0:8080" in front
+    return http, front
+
+
+def test_slow_and_large_clients_are_bounded_on_the_front_door(tmp_path) -> None:
+    """Bodies over 64 KiB wait in files, not memory; a client that stalls is let go."""
+    http, front = _front_server(render_nginx(resolve([], {}), tmp_path))
+    assert "client_body_buffer_size 64k;" in http
+    assert "client_body_buffer_size" not in front  # the front door keeps the 64k
+    for line in ("client_header_timeout 15s;", "client_body_timeout 15s;", "send_timeout 30s;"):
+        assert line in front, line
