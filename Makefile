@@ -18,7 +18,7 @@ $(VENV)/.installed-test: $(VENV)/.installed-$(ENGINE)
 install: $(VENV)/.installed-$(ENGINE)
 
 serve: $(VENV)/.installed-$(ENGINE)
-	exec $(VENV)/bin/vgate serve $(ARGS)
+	exec $(VENV)/bin/vgate serve --log-format text $(ARGS)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from engine.files import write_atomic
 from engine.gcs import DownloadError, Progress, download
+from engine.logs import configure
 
 JOB_FILE = "download.json"
 PROGRESS_FILE = "download-progress.json"
@@ -35,7 +36,7 @@ def write_json(path: Path, value: object) -> None:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure("download")
     run_dir = Path(os.environ["VGATE_RUN_DIR"])
     job_file = run_dir / JOB_FILE
     if job_file.exists():

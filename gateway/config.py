@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.logs import FORMATS as LOG_FORMATS
 from engine.placement import DEVICES
 from engine.vllm_args import EngineArgs
 
@@ -54,6 +56,8 @@ class Config:
     allowed_lora_sources: list[str] | None = None
     allowed_media_buckets: list[str] = field(default_factory=list)
     enable_admin_routes: bool = False
+    log_format: str = "json"
+    log_project: str | None = None
     engine_args: list[str] = field(default_factory=list)
     # Set by `vgate serve` once vLLM's parser has read engine_args.
     engine: EngineArgs = field(default_factory=EngineArgs)
@@ -115,6 +119,16 @@ def _sources(text: str) -> list[str]:
     return sources
 
 
+# A Google Cloud project id, with the domain of a domain-scoped one ("example.com:proj").
+PROJECT_ID = re.compile(r"[a-z0-9][a-z0-9.:-]{0,99}")
+
+
+def _project(text: str) -> str:
+    if not PROJECT_ID.fullmatch(text):
+        raise ValueError(text)
+    return text
+
+
 def _switch(text: str) -> bool:
     value = text.strip().lower()
     if value not in ("true", "false", "1", "0"):
@@ -137,6 +151,7 @@ EXPECTED: dict[Callable[[str], Any], str] = {
     _keys: "keys of 8 or more letters, digits or ._~+/=:@- (several: comma-separated)",
     _switch: "true or false",
     _sources: "comma-separated prefixes such as gs://bucket/adapters/,my-org/",
+    _project: "a Google Cloud project id",
 }
 
 
@@ -154,7 +169,7 @@ class Setting:
 
 
 MODEL, FRONT, ENGINES, REQUESTS, FILES = "model", "front door", "engines", "requests", "files"
-SECURITY = "security"
+SECURITY, OPERATIONS = "security", "operations"
 
 _SETTINGS: dict[str, Setting] = {
     "model": Setting(
@@ -234,6 +249,24 @@ _SETTINGS: dict[str, Setting] = {
         "front door, behind the API key",
         SECURITY,
         switch=True,
+    ),
+    "log_format": Setting(
+        str,
+        "VGATE_LOG_FORMAT",
+        (),
+        "every process's log lines: one JSON object each, with Cloud Logging's fields "
+        "(json), or plain text for a terminal (text)",
+        OPERATIONS,
+        choices=LOG_FORMATS,
+    ),
+    "log_project": Setting(
+        _project,
+        "VGATE_LOG_PROJECT",
+        ("GOOGLE_CLOUD_PROJECT", "CLOUD_ML_PROJECT_ID"),
+        "Google Cloud project whose traces nginx's access log links (X-Cloud-Trace-Context, "
+        "traceparent; default: the metadata server's project on Google Cloud, else none)",
+        OPERATIONS,
+        metavar="PROJECT",
     ),
     "max_request_bytes": Setting(
         _positive_int,
@@ -353,8 +386,14 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        """One line in the run's log format, as every other refusal (not argparse's usage)."""
+        raise ConfigError(f"{message} (vgate serve --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vgate serve",
         usage="vgate serve [MODEL] [vgate flags] [engine flags] [-- engine flags]",
         description="Serve a model: nginx, the Vertex gateway and vLLM engine replicas "
@@ -366,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     groups = {
         title: parser.add_argument_group(title)
-        for title in (MODEL, ENGINES, FRONT, SECURITY, REQUESTS, FILES)
+        for title in (MODEL, ENGINES, FRONT, SECURITY, REQUESTS, FILES, OPERATIONS)
     }
     for name, setting in _SETTINGS.items():
         sources = " > ".join([setting.env, *setting.platform_env])

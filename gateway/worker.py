@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
+from engine.logs import configure
 from gateway.app import make_app
 from gateway.config import Config, gateway_socket
 
@@ -39,7 +39,7 @@ async def serve(worker: int, run_dir: Path) -> None:
 
 
 def main(argv: list[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure(f"gateway-{argv[1]}")
     uvloop.run(serve(int(argv[1]), Path(os.environ["VGATE_RUN_DIR"])))
 
 

@@ -99,6 +99,32 @@ def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subp
         )
 
 
+# Cloud Logging's severities (engine/logs.py writes these and no others).
+SEVERITIES = frozenset(
+    ("DEFAULT", "DEBUG", "INFO", "NOTICE", "WARNING", "ERROR", "CRITICAL", "ALERT", "EMERGENCY")
+)
+
+
+def log_entries(text: str) -> list[dict[str, Any]]:
+    """Every line of a vgate log as the Cloud Logging entry it must be."""
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            raise AssertionError(f"log line {number} is not JSON: {line[:300]!r}") from None
+        assert isinstance(entry, dict), f"log line {number} is not an object: {line[:300]!r}"
+        assert entry.get("severity") in SEVERITIES, f"log line {number}: {line[:300]!r}"
+        for field in ("message", "time", "process"):
+            assert isinstance(entry.get(field), str) and entry[field], (number, field, line)
+        entries.append(entry)
+    return entries
+
+
+def log_messages(path: Path) -> list[str]:
+    return [e["message"] for e in log_entries(path.read_text(errors="replace"))]
+
+
 def stop_tree(proc: subprocess.Popen, grace_s: float = 60) -> None:
     """Stop a process started by spawn() and everything under it."""
     family = descendants(proc.pid)

@@ -12,6 +12,7 @@ every worker of before the reload has exited, or at the grace deadline.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from engine.files import write_atomic
 from gateway.control.nginx_launch import PID_FILE
+
+log = logging.getLogger("vgate")
 
 DRAIN_FILE = "draining.conf"
 # Inside the front server block: every request (health and readiness too) gets this.
@@ -68,10 +71,10 @@ def drain(run_dir: Path, grace_s: float) -> float:
         os.kill(master, signal.SIGHUP)
     except (OSError, ValueError):  # no nginx (yet): nothing to drain
         return 0.0
-    print(
-        f"vgate: stopping: new requests get 503; {len(workers)} nginx worker(s) finish "
-        f"what they hold, for up to {grace_s:g} s",
-        flush=True,
+    log.info(
+        "stopping: new requests get 503; %d nginx worker(s) finish what they hold, for up to %g s",
+        len(workers),
+        grace_s,
     )
     while time.monotonic() - start < grace_s and any(alive(pid) for pid in workers):
         time.sleep(0.2)

@@ -38,7 +38,8 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from engine.failures import StartWatch
 from engine.fetch_model import DOWNLOAD_FAILED
-from engine.launch import read_exits
+from engine.launch import SUPERVISOR_TOKEN_ENV, read_exits
+from engine.logs import configure
 from engine.workers import EngineWorker, load_workers
 from gateway.control.gateway_watch import watch_gateways
 from gateway.control.liveness import Progress, ReplicaWatch, read_progress
@@ -79,7 +80,8 @@ class Supervisor:
 
     @property
     def _proxy(self) -> xmlrpc.client.ServerProxy:
-        transport = SupervisorTransport(None, None, self._socket)
+        token = os.environ.get(SUPERVISOR_TOKEN_ENV)
+        transport = SupervisorTransport("vgate" if token else None, token, self._socket)
         return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
     def engine_states(self) -> dict[int, tuple[str, int]]:
@@ -395,7 +397,8 @@ async def run(run_dir: Path) -> None:
             await stop_failed(supervisor, run_dir, replicas, stopped)
             for r in replicas:
                 if previous.get(r.replica) != r.state:
-                    log.warning("replica %d (%s): %s", r.replica, r.device, r.state)
+                    level = logging.INFO if r.state in (READY, STARTING) else logging.WARNING
+                    log.log(level, "replica %d (%s): %s", r.replica, r.device, r.state)
             previous = {r.replica: r.state for r in replicas}
             if (took := time.monotonic() - started) > SLOW_POLL_S:
                 log.warning("a poll took %.1f s", took)
@@ -404,7 +407,7 @@ async def run(run_dir: Path) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure("monitor")
     asyncio.run(run(Path(os.environ["VGATE_RUN_DIR"])))
 
 

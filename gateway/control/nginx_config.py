@@ -89,6 +89,8 @@ def render_nginx(config: Config, run_dir: Path, access_log: str = "/dev/stdout")
         user=_worker_user(),
         run_dir=run_dir,
         access_log=access_log,
+        log_format=config.log_format,
+        log_project=config.log_project,
         listen=f"{host}:{config.port}",
         max_request_bytes=config.max_request_bytes,
         # The gateway's engine requests carry gs:// media inline (base64: 4/3 larger).

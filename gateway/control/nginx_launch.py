@@ -14,11 +14,16 @@ old workers keep their unlinked socket).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
 import time
 from pathlib import Path
+
+from engine.logs import configure
+
+log = logging.getLogger("vgate.nginx")
 
 GROUP_FILE = "nginx.pgid"
 PID_FILE = "nginx.pid"
@@ -56,7 +61,7 @@ def take_over(run_dir: Path, grace_s: float) -> None:
     with contextlib.suppress(OSError, ValueError):
         old = int((run_dir / GROUP_FILE).read_text())
         if old != os.getpgrp() and group_alive(old):
-            print(f"vgate: nginx: taking over from the last master's workers ({old})", flush=True)
+            log.warning("taking over from the last master's workers (%d)", old)
             if os.fork() == 0:
                 try:
                     _retire(run_dir, old, grace_s)
@@ -67,6 +72,7 @@ def take_over(run_dir: Path, grace_s: float) -> None:
 
 
 def main() -> None:
+    configure("nginx-launcher")
     run_dir = Path(os.environ["VGATE_RUN_DIR"])
     take_over(run_dir, float(os.environ.get("VGATE_STOP_GRACE", "30")))
     (run_dir / GROUP_FILE).write_text(str(os.getpgrp()))

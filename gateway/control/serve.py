@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import pwd
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -26,20 +29,23 @@ from engine.demo_model import DEMO_MODEL_NAME
 from engine.fetch_model import DOWNLOAD_FAILED, JOB_FILE, MODEL_READY, PROGRESS_FILE, write_json
 from engine.files import write_atomic
 from engine.gcs import MODEL_CONFIG, DownloadError, list_objects, make_client
-from engine.launch import exits_path
+from engine.launch import SUPERVISOR_TOKEN_ENV, exits_path
+from engine.logs import FORMAT_ENV, configure
 from engine.model_source import ModelSourceError, classify_model, local_model
 from engine.vllm_args import EngineArgsError, read_engine_args
 from engine.workers import build_workers, lora_env, save_workers
 from gateway.config import Config, ConfigError, resolve
 from gateway.control.drain import DRAIN_FILE, drain
+from gateway.control.gcp_project import find_project
 from gateway.control.google_args import host_kv_offload, translate
-from gateway.control.log_sink import open_sink
+from gateway.control.log_sink import LogSink, open_sink, open_wrapper
 from gateway.control.monitor import FATAL_FILE
 from gateway.control.nginx_config import UPSTREAM_FILE, render_nginx, write_upstream
 from gateway.engine_schema import SCHEMA_FILE
 from gateway.state import STATE_FILE
 
 SUPERVISORD_CONF = Path(__file__).with_name("supervisord.conf")
+log = logging.getLogger("vgate")
 
 
 def find_nginx(search_path: str | None = None) -> str:
@@ -119,7 +125,7 @@ def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Pat
         config.host_kv_cache_fraction, available_memory(), len(placements), placements[0].device
     )
     if note:
-        print(f"vgate: {note}", file=sys.stderr, flush=True)
+        log.warning("%s", note)
     config = dataclasses.replace(config, engine_args=config.engine_args + offload)
     source = classify_model(config.model)
     served_name = None
@@ -155,6 +161,8 @@ def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Pat
         "VLLM_MAX_N_SEQUENCES": str(config.max_inflight),
         "VLLM_MAX_COMPLETION_PROMPTS": str(config.max_inflight),
     }
+    if config.log_format == "json":
+        config = dataclasses.replace(config, log_project=find_project(config.log_project))
     workers = build_workers(
         placements,
         free_loopback_ports(len(placements)),
@@ -197,15 +205,23 @@ def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Pat
         "VGATE_GATEWAY_WORKERS": str(config.gateway_workers),
         "VGATE_STOP_GRACE": str(config.stop_grace),
         "VGATE_LOG_PATH": log_path,
+        FORMAT_ENV: config.log_format,
+        "VGATE_USER": pwd.getpwuid(os.geteuid()).pw_name,
+        SUPERVISOR_TOKEN_ENV: secrets.token_urlsafe(24),
         "VGATE_API_KEYS": ",".join(config.api_keys),  # for nginx (nginx/auth.js) alone
         "PYTHONUNBUFFERED": "1",
     }
     devices = ", ".join(w.device for w in workers)
-    print(
-        f"vgate: serving {config.model or DEMO_MODEL_NAME} on http://{config.host}:{config.port} "
-        f"with {len(workers)} engine replica(s) [{devices}], at most {config.max_inflight} "
-        f"requests in flight, run dir {run_dir}",
-        flush=True,
+    log.info(
+        "serving %s on http://%s:%d with %d engine replica(s) [%s], at most %d requests in "
+        "flight, run dir %s",
+        config.model or DEMO_MODEL_NAME,
+        config.host,
+        config.port,
+        len(workers),
+        devices,
+        config.max_inflight,
+        run_dir,
     )
     return run_dir, env
 
@@ -240,7 +256,17 @@ def supervise(run_dir: Path, env: dict[str, str], grace_s: float, log_fd: int = 
     raise_open_files()  # every process inherits it
     conf = str(SUPERVISORD_CONF)
     argv = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", conf]
-    child = subprocess.Popen(argv, env=env, process_group=0, stdout=log_fd, stderr=log_fd)
+    # supervisord's own lines, and its programs' that are not JSON (nginx's error log),
+    # become JSON entries on their way.
+    wrapper: LogSink | None = None
+    if env.get(FORMAT_ENV) == "json":
+        wrapper = open_wrapper(log_fd, "vgate")
+    out = wrapper.fd if wrapper else log_fd
+    try:
+        child = subprocess.Popen(argv, env=env, process_group=0, stdout=out, stderr=out)
+    finally:
+        if wrapper:
+            os.close(wrapper.fd)  # supervisord holds it now: its end is the wrapper's end
     stopping = threading.Event()
 
     def drain_then_stop() -> None:
@@ -267,28 +293,33 @@ def supervise(run_dir: Path, env: dict[str, str], grace_s: float, log_fd: int = 
         if pid == child.pid:
             break
     child.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait for it again
+    if wrapper and wrapper.relay:
+        wrapper.relay.join(2.0)  # what supervisord wrote last
     try:
         cause = json.loads((run_dir / FATAL_FILE).read_text())["cause"]
     except (OSError, ValueError, KeyError):
         return child.returncode
-    print(f"vgate: {cause}", file=sys.stderr, flush=True)
+    log.critical("%s", cause)
     return 1
 
 
 def main(argv: list[str]) -> int:
+    configure("vgate")  # in VGATE_LOG_FORMAT's format until the flags are read
     try:
         try:
             translated = translate(argv)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        for note in translated.notes:
-            print(f"vgate: {note}", file=sys.stderr, flush=True)
         config = resolve(translated.argv, os.environ)
+        os.environ[FORMAT_ENV] = config.log_format
+        configure("vgate")
+        for note in translated.notes:
+            log.warning("%s", note)
         config = dataclasses.replace(config, engine_env=translated.engine_env)
         sink = open_sink()
         run_dir, env = prepare(config, dict(os.environ), sink.path)
     except (ConfigError, placement.PlacementError, ModelSourceError, DownloadError) as e:
-        print(f"vgate: {e}", file=sys.stderr)
+        log.error("%s", e)
         return 2
     try:
         return supervise(run_dir, env, config.stop_grace, sink.fd)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -30,9 +31,12 @@ from urllib.parse import urlsplit
 
 from supervisor import childutils
 
+from engine.logs import configure
 from gateway.control.liveness import ReplicaWatch
 from gateway.control.monitor import GENERATION_URL, Supervisor
 from gateway.state import STATE_FILE
+
+log = logging.getLogger("vgate.watchdog")
 
 PROBE_TIMEOUT_S = 2.0
 HEARTBEAT_FRESH_S = 5.0  # the monitor writes every second; a slow poll takes a few
@@ -74,13 +78,14 @@ def check(run_dir: Path, supervisor: Supervisor, watches: dict[str, ReplicaWatch
         watch.probe(now, state, probes[name])
         reason = watch.restart_reason(now)
         if reason and state == "RUNNING" and pid:
-            print(f"vgate: {name}: restarting: {reason}", file=sys.stderr, flush=True)
+            log.warning("%s: restarting: %s", name, reason)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
             watches[name] = ReplicaWatch()
 
 
 def main() -> None:
+    configure("watchdog")  # to stderr: stdout is supervisord's event protocol
     run_dir = Path(os.environ["VGATE_RUN_DIR"])
     supervisor = Supervisor(run_dir)
     watches = {"monitor": ReplicaWatch(), "nginx": ReplicaWatch()}

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from tests.e2e.conftest import Stack
-from tests.helpers import descendants, hang_up
+from tests.helpers import descendants, hang_up, log_entries
 
 pytestmark = pytest.mark.e2e
 
@@ -96,3 +96,36 @@ def test_sigterm_stops_every_process(stack: Stack) -> None:
     assert not alive, [p.cmdline() for p in alive]
     assert took < 20 + 10, f"stop took {took:.1f} s, grace is 20 s"
     assert stack.request("/ping", timeout=2)[0] == 0  # nothing listens any more
+
+
+def test_every_line_the_stack_wrote_is_a_cloud_logging_entry(stack: Stack) -> None:
+    """The whole log of a stack that served, refused requests, restarted an engine and
+    stopped: what the tests before this one (in this order) made it do."""
+    assert stack.proc.poll() is not None, "the stack must have stopped (run the module whole)"
+    entries = log_entries(stack.log.read_text(errors="replace"))
+    by_process = {e["process"].split("/")[0] for e in entries}
+    expected = {"vgate", "supervisord", "download", "monitor", "nginx", "engine-0", "engine-1"}
+    assert expected <= by_process, by_process
+    served = [e for e in entries if "httpRequest" in e]
+    statuses = {e["httpRequest"]["status"] for e in served}
+    assert 200 in statuses and 400 in statuses, statuses
+    for e in served:  # severity from the status
+        status = e["httpRequest"]["status"]
+        assert e["severity"] == ("INFO" if status < 400 else "WARNING" if status < 500 else "ERROR")
+    # The engine killed in the restart test: its launcher says so, supervisord too.
+    assert any(
+        e["process"] == "engine-1"
+        and e["severity"] == "WARNING"
+        and e["message"].startswith("engine replica 1 exited (-9)")
+        for e in entries
+    )
+    assert any(
+        e["process"] == "supervisord" and e["message"].startswith("exited: engine-1")
+        for e in entries
+    )
+    # vLLM's own records through its logging config, with their levels.
+    engine = [e for e in entries if e["process"] == "engine-0"]
+    assert {"INFO", "WARNING"} <= {e["severity"] for e in engine}
+    assert any(e.get("logger", "").startswith("vllm") for e in engine)
+    # The stop, from vgate serve's drain.
+    assert any(e["process"] == "vgate" and e["message"].startswith("stopping: ") for e in entries)

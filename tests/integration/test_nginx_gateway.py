@@ -47,10 +47,12 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path,
             "100000",
             "--max-inflight-per-client",
             "2",
+            "--log-project",
+            "my-project",
         ],
         {},
     )
-    _, env = prepare(config, dict(os.environ), "/dev/stdout")
+    _, env = prepare(config, dict(os.environ), str(run_dir / "access.log"))
     procs = [
         subprocess.Popen(
             [env["VGATE_NGINX"], "-c", str(run_dir / "nginx.conf")], env=env, process_group=0
@@ -77,6 +79,33 @@ def test_rendered_config_passes_nginx_t(front) -> None:
         [nginx, "-t", "-c", str(run_dir / "nginx.conf")], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_access_log_entries_are_cloud_loggings(front) -> None:
+    base, run_dir, _ = front
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    asked = [
+        ("/ping", {"X-Cloud-Trace-Context": f"{trace}/1;o=1", "X-Request-Id": "log-1"}),
+        ("/nope", {"traceparent": f"00-{trace}-00f067aa0ba902b7-01", "X-Request-Id": "log-2"}),
+        ("/v1/models", {"User-Agent": 'quote " agent', "X-Request-Id": "log-3"}),
+    ]
+    for path, headers in asked:
+        http_json(base + path, headers=headers)
+    lines = (run_dir / "access.log").read_text().splitlines()
+    entries = {e["request_id"]: e for e in map(json.loads, lines) if e["request_id"][:4] == "log-"}
+    ping, nope, models = (entries[f"log-{i}"] for i in (1, 2, 3))
+    assert ping["severity"] == "ERROR" and ping["process"] == "nginx" and ping["time"]  # a 503
+    assert ping["httpRequest"]["requestMethod"] == "GET"
+    assert ping["httpRequest"]["requestUrl"] == "/ping" and ping["httpRequest"]["status"] == 503
+    assert ping["httpRequest"]["latency"].endswith("s") and ping["httpRequest"]["remoteIp"]
+    assert int(ping["httpRequest"]["responseSize"]) > 0
+    traced = f"projects/my-project/traces/{trace}"
+    assert ping["logging.googleapis.com/trace"] == traced  # Google's header
+    assert nope["logging.googleapis.com/trace"] == traced  # W3C's
+    assert (nope["severity"], nope["httpRequest"]["status"]) == ("WARNING", 404)
+    assert "logging.googleapis.com/trace" not in models  # no trace asked: none linked
+    assert models["httpRequest"]["userAgent"] == 'quote " agent'
+    assert models["severity"] == "ERROR"  # its 503: no engine
 
 
 def test_health_says_starting_with_503(front) -> None:
