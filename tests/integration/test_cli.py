@@ -13,7 +13,7 @@ import pytest
 
 from gateway.config import ConfigError
 from gateway.control.serve import find_nginx
-from tests.helpers import free_port, stop_tree
+from tests.helpers import free_port, log_entries, stop_tree
 
 
 def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -41,52 +41,63 @@ def test_busy_port() -> None:
         port = s.getsockname()[1]
         result = _serve("--host", "127.0.0.1", "--port", str(port))
     assert result.returncode == 2
-    assert (
-        result.stderr.strip() == f"vgate: port {port} on 127.0.0.1 is busy (Address already in use)"
-    )
+    [entry] = log_entries(result.stderr)
+    assert entry["severity"] == "ERROR" and entry["process"] == "vgate"
+    assert entry["message"] == f"port {port} on 127.0.0.1 is busy (Address already in use)"
+
+
+def test_text_for_a_terminal() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = _serve("--host", "127.0.0.1", "--port", str(port), "--log-format", "text")
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.endswith(f" ERROR vgate: port {port} on 127.0.0.1 is busy (Address already in use)")
 
 
 @pytest.mark.parametrize(
     ("args", "env", "says"),
     [
-        (["--device", "tpu"], {}, "vgate: --device: invalid value 'tpu'"),
+        (["--device", "tpu"], {}, "--device: invalid value 'tpu'"),
         (
             ["--device", "cuda", "--tensor-parallel-size", "2"],
             {"CUDA_VISIBLE_DEVICES": "0,1,2"},
-            "vgate: 2 GPUs per replica (tensor x pipeline parallel size) do not divide the 3",
+            "2 GPUs per replica (tensor x pipeline parallel size) do not divide the 3",
         ),
-        (["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": ""}, "vgate: --device cuda, but no GPU"),
-        (["--port", "x"], {}, "vgate: --port: invalid value 'x'"),
-        ([], {"AIP_HTTP_PORT": "0"}, "vgate: AIP_HTTP_PORT: invalid value '0'"),
+        (["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": ""}, "--device cuda, but no GPU"),
+        (["--port", "x"], {}, "--port: invalid value 'x'"),
+        ([], {"AIP_HTTP_PORT": "0"}, "AIP_HTTP_PORT: invalid value '0'"),
         # Engine flags, read by vLLM's own parser before anything starts.
         (
             ["--max-num-seqz=8"],
             {},
-            "vgate: vLLM refuses the engine flags: unrecognized arguments: --max-num-seqz=8 "
+            "vLLM refuses the engine flags: unrecognized arguments: --max-num-seqz=8 "
             "(did you mean --max-num-seqs?)",
         ),
         (
             ["--max-num-seqs", "many"],
             {},
-            "vgate: vLLM refuses the engine flags: argument --max-num-seqs: invalid int value",
+            "vLLM refuses the engine flags: argument --max-num-seqs: invalid int value",
         ),
         (
             ["--device", "cpu", "-tp", "2"],
             {},
-            "vgate: tensor or pipeline parallelism (--tensor-parallel-size, "
+            "tensor or pipeline parallelism (--tensor-parallel-size, "
             "--pipeline-parallel-size) needs --device cuda",
         ),
         (
             ["--device", "cuda", "-tp=2", "-pp=2"],
             {"CUDA_VISIBLE_DEVICES": "0,1"},
-            "vgate: 4 GPUs per replica (tensor x pipeline parallel size) do not divide the 2",
+            "4 GPUs per replica (tensor x pipeline parallel size) do not divide the 2",
         ),
-        (["--enforce-eager", "org/m"], {}, "vgate: 'org/m' is not a flag: give the model first"),
-        (["org/m", "--model", "org/n"], {}, "vgate: the model is given twice"),
+        (["--enforce-eager", "org/m"], {}, "'org/m' is not a flag: give the model first"),
+        (["org/m", "--model", "org/n"], {}, "the model is given twice"),
         (
             ["--model-replicas=4,2"],
             {},
-            "vgate: --model-replicas: '4,2': vgate serves one model per container",
+            "--model-replicas: '4,2': vgate serves one model per container",
         ),
     ],
 )
@@ -94,8 +105,8 @@ def test_bad_configuration_is_one_line(args: list[str], env: dict[str, str], say
     # A free port, so that only the fault under test can stop it.
     result = _serve(*args, env={"AIP_HTTP_PORT": str(free_port()), **env})
     assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert result.stderr.startswith(says), result.stderr
+    [entry] = log_entries(result.stderr)  # one line, in the run's log format
+    assert entry["severity"] == "ERROR" and entry["message"].startswith(says), entry
 
 
 def test_help_and_version() -> None:
@@ -150,7 +161,8 @@ def test_a_gcs_model_that_is_not_there_stops_serve_before_anything_starts(tmp_pa
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
     assert out.returncode == 2
-    assert out.stderr.strip() == "vgate: gs://no-bucket/llama: bucket 'no-bucket' does not exist"
+    [entry] = log_entries(out.stderr)
+    assert entry["message"] == "gs://no-bucket/llama: bucket 'no-bucket' does not exist"
     assert not (tmp_path / "run").exists()
 
 
