@@ -1,11 +1,12 @@
 """The front door with API keys: every route but health behind them, admin routes on request.
 
 A stack of its own: `vgate serve DIR --api-key K1 --api-key K2 --enable-admin-routes
---enable-lora`, one replica, Vertex's AIP_* routes set.
+--enable-lora --lora-modules sql=ADAPTER_DIR`, one replica, Vertex's AIP_* routes set.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 
 from engine.demo_model import ensure_demo_model
 from tests.e2e.conftest import VERTEX_ENV, Stack, one_replica_stack
+from tests.e2e.test_lora import make_adapter
 from tests.helpers import descendants, http_json
 
 pytestmark = pytest.mark.e2e
@@ -38,10 +40,17 @@ OPEN = ["/ping", "/health", "/live", VERTEX_ENV["AIP_HEALTH_ROUTE"]]
 
 
 @pytest.fixture(scope="module")
-def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def operator_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local adapter the operator loads at start (--lora-modules sql=DIR)."""
+    return make_adapter(ensure_demo_model(), tmp_path_factory.mktemp("adapter") / "sql", seed=0)
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory, operator_adapter: Path) -> Iterator[Stack]:
     args = [
         str(ensure_demo_model()), "--gateway-workers", "1", "--max-model-len", "256",
         "--api-key", KEYS[0], f"--api-key={KEYS[1]}", "--enable-admin-routes", "--enable-lora",
+        "--lora-modules", f"sql={operator_adapter}",
     ]  # fmt: skip
     # vLLM's own variable too: it must not reach the engines (they would refuse vgate).
     env = {**VERTEX_ENV, "VLLM_API_KEY": "vllm-variable-key"}
@@ -76,6 +85,18 @@ def test_the_openai_sdk_sends_the_key_as_vllm_clients_do(guarded: Stack) -> None
     assert client.completions.create(model="", prompt="hi", max_tokens=2).usage.completion_tokens
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=guarded.base + "/v1", api_key="nope-nope-nope").models.list()
+
+
+def test_models_name_an_operators_adapter_without_its_path(
+    guarded: Stack, operator_adapter: Path
+) -> None:
+    status, answer = _call(guarded, "/v1/models", None, KEYS[0])
+    assert status == 200, answer
+    assert "sql" in {m["id"] for m in answer["data"]}
+    assert str(operator_adapter) not in json.dumps(answer)
+    # The engine itself lists the path: the front door is what hides it.
+    engine = http_json(guarded.workers()[0].url + "/v1/models")[2]
+    assert str(operator_adapter) in json.dumps(engine)
 
 
 def test_admin_routes_need_the_key_when_enabled(guarded: Stack) -> None:
