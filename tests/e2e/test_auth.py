@@ -30,6 +30,7 @@ PROTECTED = [
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
     ("/tokenize", {"prompt": "hi"}),
+    ("/detokenize", {"tokens": [72, 105]}),
     ("/invocations", {"prompt": "hi", "max_tokens": 2}),
     ("/predict", {"instances": [{"prompt": "hi", "max_tokens": 2}]}),
     ("/generate", {"instances": [{"prompt": "hi", "max_tokens": 2}]}),
