@@ -7,13 +7,16 @@ The e2e vision tests check the same through the whole stack.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.server
 import re
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from engine.media_guard import InternalAddress, _connector_class, check_url, internal_reason
-from tests.helpers import counting_http_server
+from engine.workers import ENGINE_ENV_DEFAULTS
+from tests.helpers import counting_http_server, loopback_http
 
 
 @pytest.fixture
@@ -97,3 +100,32 @@ def test_public_literals_and_allowed_hosts_pass_without_a_lookup() -> None:
     private = re.escape("'10.0.0.5' is a private or reserved address")
     with pytest.raises(InternalAddress, match=private):
         check_url("https://10.0.0.5/x.png", [])
+
+
+@pytest.mark.parametrize("allow", ["0", "1"])
+def test_a_redirect_from_an_allowed_host_is_not_followed(
+    server: tuple[int, Callable[[], int]], monkeypatch: pytest.MonkeyPatch, allow: str
+) -> None:
+    """vgate's engines run with VLLM_MEDIA_URL_ALLOW_REDIRECTS=0: an allowed host cannot
+    send vLLM on to another. Both hosts allowed, so only the redirect setting decides;
+    with "1" (vLLM's default) the target is reached: the count can tell."""
+    target_port, hits = server
+    handler = type(
+        "Redirect",
+        (http.server.BaseHTTPRequestHandler,),
+        {
+            "do_GET": lambda self: (
+                self.send_response(302),
+                self.send_header("Location", f"http://localhost:{target_port}/image.png"),
+                self.send_header("Content-Length", "0"),
+                self.end_headers(),
+            ),
+            "log_message": lambda self, *args: None,
+        },
+    )
+    value = ENGINE_ENV_DEFAULTS["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] if allow == "0" else allow
+    monkeypatch.setenv("VLLM_MEDIA_URL_ALLOW_REDIRECTS", value)
+    # The 302 itself is no image: whatever the fetch makes of it, the count decides.
+    with loopback_http(handler) as port, contextlib.suppress(Exception):
+        _fetch(f"http://127.0.0.1:{port}/image.png", ["127.0.0.1", "localhost"])
+    assert hits() == (0 if allow == "0" else 1)
