@@ -23,7 +23,7 @@ from pathlib import Path
 
 import uvloop
 
-from benchmarks import download, loadgen, predict, procs
+from benchmarks import download, front_metrics, loadgen, predict, procs
 from benchmarks.stack import Stack, running_stack
 from benchmarks.stats import percentile, ratio
 
@@ -58,8 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batches", type=int, default=6, help="predict: requests per round and way")
     ap.add_argument(
         "--suites",
-        default="download,stream,predict",
-        help="comma-separated: download, stream, predict",
+        default="download,front-metrics,stream,predict",
+        help="comma-separated: download, front-metrics, stream, predict",
     )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/latest.json"))
     ap.add_argument("--keep-run-dir", action="store_true", help="keep the stack's run dir and log")
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header, flush=True)
     suites = set(args.suites.split(","))
     download_results = download.bench() if "download" in suites else {}
+    front_metrics_results = front_metrics.bench() if "front-metrics" in suites else {}
     run_dir = Path(tempfile.mkdtemp(prefix="vgate-bench-"))
     t0 = time.monotonic()
     ok = False
@@ -233,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if download_results:
         print()
         print(download.table(download_results))
+    if front_metrics_results:
+        print()
+        print(front_metrics.table(front_metrics_results))
     if results:
         print()
         print(table(results))
@@ -250,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "predict_results": predict_results,
         "download_results": download_results,
+        "front_metrics_results": front_metrics_results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))

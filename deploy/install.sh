@@ -28,12 +28,18 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-# nginx, and its njs module (it checks --api-key in constant time); Python and venv
-# on a bare base (the CPU image's Debian).
+# nginx, its njs module (it checks --api-key in constant time) and its Lua module (it
+# counts the front door's requests for /metrics); Python and venv on a bare base (the
+# CPU image's Debian).
 packages=()
 if { ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; } \
-    || [ ! -f /usr/lib/nginx/modules/ngx_http_js_module.so ]; then
-  packages+=(nginx libnginx-mod-http-js)
+    || [ ! -f /usr/lib/nginx/modules/ngx_http_js_module.so ] \
+    || [ ! -f /usr/lib/nginx/modules/ngx_http_lua_module.so ]; then
+  packages+=(nginx libnginx-mod-http-js libnginx-mod-http-lua)
+fi
+# The tests run a real Prometheus server and promtool (alert rules and their tests).
+if [[ ",$extras," == *",test,"* ]] && ! command -v promtool >/dev/null 2>&1; then
+  packages+=(prometheus)
 fi
 command -v python3 >/dev/null 2>&1 || packages+=(python3 ca-certificates)
 # vLLM's CPU build links libnuma, and torch.compile (its CPU default) builds its
@@ -60,11 +66,18 @@ if [ ${#packages[@]} -gt 0 ]; then
     echo "install.sh: no libnginx-mod-http-js here: --api-key will not be available" >&2
     packages=("${packages[@]/libnginx-mod-http-js}")
   fi
+  if [[ " ${packages[*]} " == *" libnginx-mod-http-lua "* ]] \
+      && ! apt-cache show libnginx-mod-http-lua >/dev/null 2>&1; then
+    echo "install.sh: no libnginx-mod-http-lua here: /metrics will not count the front door" >&2
+    packages=("${packages[@]/libnginx-mod-http-lua}")
+  fi
   # shellcheck disable=SC2068  # unquoted: the entry emptied above must vanish
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
     ${packages[@]} >/dev/null
-  # Debian starts the packaged service; vgate runs its own nginx.
+  # Debian starts the packaged services; vgate runs its own nginx, the tests their own
+  # Prometheus.
   $sudo service nginx stop >/dev/null 2>&1 || true
+  $sudo service prometheus stop >/dev/null 2>&1 || true
 fi
 [ -z "$system_only" ] || exit 0
 

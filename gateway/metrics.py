@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -27,6 +29,8 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.workers import EngineWorker
+from gateway.front_metrics import FRONT_METRICS_URL, front_families
+from gateway.run_metrics import download_families, lora_cache_families, restarts_family
 from gateway.state import READY, ReplicaState
 
 REQUESTS = Counter("vgate_requests", "Requests answered by the gateway", ["route", "status"])
@@ -156,12 +160,10 @@ class _Families:
         return self._families
 
 
-async def fetch_engine_metrics(session: aiohttp.ClientSession, worker: EngineWorker) -> str:
-    """One engine's /metrics text; empty if it did not answer in time."""
+async def fetch_text(session: aiohttp.ClientSession, url: str) -> str:
+    """An exposition's text; empty if it did not come in time."""
     try:
-        async with session.get(
-            worker.url + "/metrics", timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)
-        ) as resp:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)) as resp:
             if resp.status != 200:
                 raise aiohttp.ClientError(f"status {resp.status}")
             return await resp.text()
@@ -170,18 +172,36 @@ async def fetch_engine_metrics(session: aiohttp.ClientSession, worker: EngineWor
         return ""
 
 
-def render(texts: dict[int, str], replicas: list[ReplicaState]) -> bytes:
-    """The engines' texts, relabelled and merged, with vgate's own metrics."""
+@dataclass(frozen=True)
+class Sources:
+    """Where the container's figures come from, besides the engines."""
+
+    run_dir: Path
+    lora_cache: tuple[Path, int] | None  # the adapters' disk cache and its budget
+
+
+def render(
+    texts: dict[int, str], replicas: list[ReplicaState], front: str, sources: Sources
+) -> bytes:
+    """The engines' texts, relabelled and merged, with the front door's and vgate's own."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     engine_families = merge(f for replica, text in texts.items() for f in relabel(text, replica))
     own = [replica_ready_family(replicas), queue_family(engine_families)]
-    registry.register(_Families([*own, *engine_families]))
+    own.append(restarts_family(sources.run_dir, [r.replica for r in replicas]))
+    own += download_families(sources.run_dir)
+    if sources.lora_cache is not None:
+        own += lora_cache_families(*sources.lora_cache)
+    registry.register(_Families([*own, *front_families(front), *engine_families]))
     return generate_latest(registry)
 
 
 async def exposition(
-    session: aiohttp.ClientSession, workers: list[EngineWorker], replicas: list[ReplicaState]
+    direct: aiohttp.ClientSession,
+    internal: aiohttp.ClientSession,
+    workers: list[EngineWorker],
+    replicas: list[ReplicaState],
+    sources: Sources,
 ) -> bytes:
     """The whole container's metrics, in Prometheus's text format.
 
@@ -191,9 +211,12 @@ async def exposition(
     # A starting engine accepts connections but answers nothing until it is ready.
     ready = {r.replica for r in replicas if r.state == READY}
     scraped = [w for w in workers if w.replica in ready]
-    texts = await asyncio.gather(*(fetch_engine_metrics(session, w) for w in scraped))
+    front, *texts = await asyncio.gather(
+        fetch_text(internal, FRONT_METRICS_URL),
+        *(fetch_text(direct, w.url + "/metrics") for w in scraped),
+    )
     by_replica = {w.replica: text for w, text in zip(scraped, texts, strict=True)}
-    return await asyncio.to_thread(render, by_replica, replicas)
+    return await asyncio.to_thread(render, by_replica, replicas, front, sources)
 
 
 class SingleFlight:
@@ -220,8 +243,17 @@ class SingleFlight:
 
 def add_route(app: web.Application) -> None:
     """/metrics: the whole container's, one engine scrape at a time per worker."""
+    config = app["config"]
+    lora_cache = (Path(config.lora_cache_dir), config.lora_cache_bytes)
+    sources = Sources(app["run_dir"], lora_cache if config.engine.enable_lora else None)
     flight = SingleFlight(
-        lambda: exposition(app["direct_session"], app["workers"], app["state"].replicas())
+        lambda: exposition(
+            app["direct_session"],
+            app["engine_session"],
+            app["workers"],
+            app["state"].replicas(),
+            sources,
+        )
     )
 
     async def metrics_handler(_: web.Request) -> web.Response:

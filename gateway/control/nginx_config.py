@@ -41,17 +41,44 @@ HEALTH_ROUTES = ("/ping", "/health", "/live")
 # Where Debian (and nginx.org's packages) put dynamic modules.
 MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules", "/etc/nginx/modules")
 JS_MODULE = "ngx_http_js_module.so"
+# The Lua module and the development kit it needs (Debian: libnginx-mod-http-lua).
+LUA_MODULES = ("ndk_http_module.so", "ngx_http_lua_module.so")
+
+
+def find_module(name: str, dirs: tuple[str, ...] = MODULE_DIRS) -> str | None:
+    for d in dirs:
+        if (Path(d) / name).is_file():
+            return str(Path(d) / name)
+    return None
 
 
 def js_module(dirs: tuple[str, ...] = MODULE_DIRS) -> str:
     """nginx's njs module, which checks the API keys."""
-    for d in dirs:
-        if (Path(d) / JS_MODULE).is_file():
-            return str(Path(d) / JS_MODULE)
-    raise ConfigError(
-        "--api-key needs nginx's njs module (Debian: libnginx-mod-http-js; "
-        "deploy/install.sh installs it)"
-    )
+    found = find_module(JS_MODULE, dirs)
+    if found is None:
+        raise ConfigError(
+            "--api-key needs nginx's njs module (Debian: libnginx-mod-http-js; "
+            "deploy/install.sh installs it)"
+        )
+    return found
+
+
+def lua_modules(dirs: tuple[str, ...] = MODULE_DIRS) -> list[str]:
+    """nginx's Lua module, which counts the front door's requests, or nothing: without
+    it vgate serves, and /metrics has the gateway's and the engines' figures only."""
+    found = [find_module(name, dirs) for name in LUA_MODULES]
+    return [path for path in found if path] if all(found) else []
+
+
+def metric_routes(config: Config, health: list[str]) -> list[tuple[str, str]]:
+    """The front door's own routes and their surfaces, as the metrics label them."""
+    predict = ["/generate", "/predict", *([config.predict_route] if config.predict_route else [])]
+    routes = [(r, "health") for r in health] + [(r, "vertex") for r in predict]
+    routes += [("/metrics", "metrics"), ("/v1/models", "openai")]
+    surfaces: dict[str, str] = {}
+    for route, surface in routes:
+        surfaces.setdefault(route, surface)  # a route named twice: its first surface
+    return list(surfaces.items())
 
 
 def _worker_user() -> str | None:
@@ -79,6 +106,9 @@ def render_nginx(config: Config, run_dir: Path, access_log: str = "/dev/stdout")
     host = f"[{config.host}]" if ":" in config.host else config.host
     health = [*HEALTH_ROUTES, *([config.health_route] if config.health_route else [])]
     return _template("nginx.conf.j2").render(
+        lua_modules=lua_modules(),
+        lua_dir=TEMPLATE_DIR,
+        metric_routes=metric_routes(config, health),
         api_keys=bool(config.api_keys),
         js_module=js_module() if config.api_keys else None,
         auth_js=TEMPLATE_DIR / "auth.js",

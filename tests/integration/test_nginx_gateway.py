@@ -20,6 +20,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.workers import load_workers
 from gateway.config import resolve
@@ -57,7 +58,11 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path,
         subprocess.Popen(
             [env["VGATE_NGINX"], "-c", str(run_dir / "nginx.conf")], env=env, process_group=0
         ),
-        subprocess.Popen([sys.executable, "-m", "gateway.worker", "0"], env=env, process_group=0),
+        subprocess.Popen(
+            [sys.executable, "-m", "gateway.worker", "0"],
+            env={**env, "PROMETHEUS_MULTIPROC_DIR": str(run_dir / "prometheus")},  # as supervisord
+            process_group=0,
+        ),
     ]
     base = f"http://127.0.0.1:{port}"
 
@@ -106,6 +111,41 @@ def test_access_log_entries_are_cloud_loggings(front) -> None:
     assert "logging.googleapis.com/trace" not in models  # no trace asked: none linked
     assert models["httpRequest"]["userAgent"] == 'quote " agent'
     assert models["severity"] == "ERROR"  # its 503: no engine
+
+
+def _samples(text: str) -> dict[tuple[str, frozenset], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_both_surfaces_are_counted_at_the_front_door(front) -> None:
+    base, _, _ = front
+    before = _samples(http_json(base + "/metrics")[2])
+    asked = [("/v1/completions", b"{}"), ("/v1/completions", b"{}"), ("/predict", b"{}")]
+    asked += [("/ping", None), ("/no/such/route", None), ("/v1/responses/resp_123", None)]
+    for path, data in asked:
+        http_json(base + path, data=data)
+    after = _samples(http_json(base + "/metrics")[2])
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0) - before.get(key, 0)
+
+    requests = "vgate_http_requests_total"
+    assert grew(requests, surface="openai", route="/v1/completions", status="503") == 2
+    assert grew(requests, surface="vertex", route="/predict", status="400") == 1  # no instances
+    assert grew(requests, surface="health", route="/ping", status="503") == 1
+    assert grew(requests, surface="other", route="other", status="404") == 1
+    # A route vLLM names by id counts as one route, whatever the id.
+    assert grew(requests, surface="openai", route="/v1/responses/{id}", status="503") == 1
+    for histogram in ("vgate_http_request_duration_seconds", "vgate_http_first_byte_seconds"):
+        labels = {"surface": "openai", "route": "/v1/completions"}
+        assert grew(f"{histogram}_count", **labels) == 2
+        assert grew(f"{histogram}_bucket", **labels, le="+Inf") == 2
+        assert grew(f"{histogram}_bucket", **labels, le="60.0") == 2  # nginx's own 503s: fast
 
 
 def test_health_says_starting_with_503(front) -> None:
