@@ -5,7 +5,7 @@ ENGINE := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 ARGS   ?=
 IMAGE  ?= localhost/vgate:cpu
 
-.PHONY: serve test lint bench soak install image clean
+.PHONY: serve test lint bench soak install image clean dashboard-png
 
 $(VENV)/.installed-$(ENGINE): pyproject.toml deploy/install.sh
 	deploy/install.sh --venv $(VENV) --extras $(ENGINE)
@@ -39,6 +39,12 @@ soak: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(VENV)/bin/python -m benchmarks.run
+
+# README's picture of the dashboard: its panels drawn from a real Prometheus scraping a
+# stack under load (the monitoring end-to-end test, which draws them anyway).
+dashboard-png: $(VENV)/.installed-test
+	VGATE_DASHBOARD_PNG=$(CURDIR)/docs/dashboard.png $(VENV)/bin/pytest -p no:cacheprovider \
+		tests/e2e/test_monitoring.py
 
 clean:
 	rm -rf $(VENV)

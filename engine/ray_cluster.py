@@ -9,6 +9,7 @@ waits here first.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -20,13 +21,16 @@ class ClusterNotReady(RuntimeError):
     """The Ray cluster did not reach the GPUs the replica needs in time."""
 
 
+log = logging.getLogger("vgate.engine")
+
+
 def wait_for_gpus(
     needed: int,
     count: Callable[[], float],
     deadline_s: float = CLUSTER_WAIT_S,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = log.info,
 ) -> float:
     """Poll `count` (the cluster's GPUs) until it reaches `needed`; the count then."""
     end = clock() + deadline_s
@@ -41,7 +45,7 @@ def wait_for_gpus(
                 f"{needed} (tensor x pipeline parallel size): have the workers joined?"
             )
         if have != last:
-            say(f"vgate: waiting for the Ray cluster: {have:g} of {needed} GPUs")
+            say(f"waiting for the Ray cluster: {have:g} of {needed} GPUs")
             last = have
         sleep(POLL_S)
 

@@ -17,13 +17,22 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.demo_model import DEMO_MODEL_NAME, write_demo_model
 from engine.workers import EngineWorker, load_workers
 from tests.gcs_emulator import client, emulator, upload_dir
-from tests.helpers import free_port, hang_up, http_json, spawn, stop_tree, wait_for
+from tests.helpers import (
+    descendants,
+    free_port,
+    hang_up,
+    http_json,
+    spawn,
+    stop_tree,
+    wait_for,
+)
 
 STARTUP_DEADLINE_S = 600
 # Sequences in flight: as many as nginx's limit_conn takes, so that work sized from the
@@ -59,6 +68,18 @@ class Stack:
 
     def workers(self) -> list[EngineWorker]:
         return load_workers(self.run_dir / "engines.json")
+
+    def engine_server(self, replica: int) -> psutil.Process:
+        """The vLLM API server of engine replica `replica`."""
+        port = str(self.workers()[replica].port)
+        for p in descendants(self.proc.pid):
+            try:
+                cmd = p.cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            if "--port" in cmd and cmd[cmd.index("--port") + 1] == port and "--model" in cmd:
+                return p
+        raise AssertionError(f"no engine server for replica {replica}")
 
     def request(
         self, path: str, body: object | None = None, timeout: float = 60

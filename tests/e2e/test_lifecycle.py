@@ -33,18 +33,6 @@ def test_a_client_that_disconnects_aborts_its_generation(stack: Stack) -> None:
     assert generated < work.tokens / 2, f"{generated} of {work.tokens} tokens were generated"
 
 
-def _engine_server(stack: Stack, replica: int) -> psutil.Process:
-    port = str(stack.workers()[replica].port)
-    for p in descendants(stack.proc.pid):
-        try:
-            cmd = p.cmdline()
-        except psutil.NoSuchProcess:
-            continue
-        if "--port" in cmd and cmd[cmd.index("--port") + 1] == port and "--model" in cmd:
-            return p
-    raise AssertionError(f"no engine server for replica {replica}")
-
-
 def _replica_state(stack: Stack, replica: int) -> str:
     status, body = stack.request("/health", timeout=5)
     assert status == 200, f"/health said {status} while one engine was still ready"
@@ -52,7 +40,7 @@ def _replica_state(stack: Stack, replica: int) -> str:
 
 
 def test_a_killed_engine_restarts_while_requests_keep_succeeding(stack: Stack) -> None:
-    victim = _engine_server(stack, 1)
+    victim = stack.engine_server(1)
     left_behind = victim.children(recursive=True)  # vLLM's engine core and workers
     assert left_behind
     victim.kill()  # SIGKILL to the server alone, as an OOM kill would
@@ -80,7 +68,7 @@ def test_a_killed_engine_restarts_while_requests_keep_succeeding(stack: Stack) -
     assert not [p for p in left_behind if p.is_running()], "the dead server's children live on"
     # Requests succeeded while replica 1 was out, however quickly it came back.
     assert answered_while_down >= 1, (answered, seen)
-    assert _engine_server(stack, 1).pid != victim.pid
+    assert stack.engine_server(1).pid != victim.pid
     out = [stack.request("/v1/completions", {"prompt": "x", "max_tokens": 2})[0] for _ in range(4)]
     assert out == [200] * 4
 

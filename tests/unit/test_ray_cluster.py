@@ -59,7 +59,7 @@ def test_the_leader_waits_until_the_workers_gpus_join() -> None:
     joined = iter([8.0, 8.0, 16.0])
     have = wait_for_gpus(16, lambda: next(joined), 60, clock.sleep, clock, said.append)
     assert have == 16.0 and clock.now == 10.0
-    assert said == ["vgate: waiting for the Ray cluster: 8 of 16 GPUs"]  # once per change
+    assert said == ["waiting for the Ray cluster: 8 of 16 GPUs"]  # once per change
 
 
 def test_a_cluster_that_never_fills_is_a_clear_error() -> None:
