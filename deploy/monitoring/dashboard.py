@@ -46,15 +46,18 @@ class PanelSpec:
     description: str = ""
 
 
-def _quantiles(metric: str, by: str = "") -> tuple[Query, ...]:
+def _quantiles(
+    metric: str, by: str = "", selector: str = "", qs: tuple[float, ...] = (0.5, 0.9, 0.99)
+) -> tuple[Query, ...]:
     group = f"{by}, le" if by else "le"
     legend = f"{{{{{by}}}}} " if by else ""
+    series = f"{metric}_bucket{{{selector}}}" if selector else f"{metric}_bucket"
     return tuple(
         Query(
-            f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket[{RATE}])))",
+            f"histogram_quantile({q}, sum by ({group}) (rate({series}[{RATE}])))",
             f"{legend}p{round(q * 100)}",
         )
-        for q in (0.5, 0.9, 0.99)
+        for q in qs
     )
 
 
@@ -121,11 +124,7 @@ ROWS: list[tuple[str, list[PanelSpec]]] = [
             PanelSpec(
                 "Front-door first byte by surface",
                 "s",
-                tuple(
-                    q
-                    for q in _quantiles("vgate_http_first_byte_seconds", "surface")
-                    if "0.5" in q.expr or "0.99" in q.expr
-                ),
+                _quantiles("vgate_http_first_byte_seconds", "surface", SURFACES, (0.5, 0.99)),
                 "Time to the answer's first byte at nginx (for a stream, its first event).",
             ),
         ],
