@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grafana_foundation_sdk.builders.dashboard import (
-    DatasourceVariable,
     Dashboard,
+    DatasourceVariable,
     Row,
 )
 from grafana_foundation_sdk.builders.prometheus import Dataquery
