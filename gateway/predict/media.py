@@ -19,7 +19,9 @@ import mimetypes
 from typing import Any
 
 from google.api_core import exceptions as gexc
+from google.auth.exceptions import GoogleAuthError
 from google.cloud import storage
+from requests import RequestException
 
 from engine.gcs import DownloadError, is_gcs, make_client, split_uri
 from gateway.errors import ApiError
@@ -103,9 +105,14 @@ class MediaReader:
         the first `budget` + 1 are read (the caller refuses it)."""
         bucket, name = split_uri(uri)
         if self._client is None:
-            self._client = await asyncio.to_thread(make_client)
-        blob = self._client.bucket(bucket).blob(name)
+            try:
+                self._client = await asyncio.to_thread(make_client)
+            except (OSError, GoogleAuthError) as e:  # no project, unusable credentials
+                raise ApiError(
+                    503, f"{where}: {uri}: Cloud Storage is not usable here: {e}"
+                ) from None
         try:
+            blob = self._client.bucket(bucket).blob(name)
             # One request: at most one byte past the limit, which tells a larger object.
             # (A range has no whole-object checksum to check; the transport is TLS.)
             data = await asyncio.to_thread(blob.download_as_bytes, end=budget, checksum=None)
@@ -113,7 +120,8 @@ class MediaReader:
             raise ApiError(400, f"{where}: {uri}: no such object") from None
         except (gexc.Forbidden, gexc.Unauthorized):
             raise ApiError(400, f"{where}: {uri}: no permission to read it") from None
-        except gexc.GoogleAPIError as e:
+        except (gexc.GoogleAPIError, GoogleAuthError, RequestException, OSError) as e:
+            # The service, the credentials' refresh or the network failed: not the client.
             raise ApiError(502, f"{where}: {uri}: Cloud Storage error: {e}") from None
         kind = blob.content_type  # from the download's headers
         if kind in (None, "", "application/octet-stream"):  # not set on upload: by the name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -142,3 +143,25 @@ def test_only_allowed_buckets_and_a_bounded_count(image_uri: str, monkeypatch) -
     with pytest.raises(ApiError) as info:
         asyncio.run(MediaReader(ALLOWED).inline(many))
     assert info.value.message == "instances: 3 gs:// media objects; at most 2 per request"
+
+
+def test_unusable_cloud_storage_is_the_services_error_not_a_500(monkeypatch) -> None:
+    """Review L13: credentials without a project, or a storage that does not answer,
+    were exceptions no handler expected (a 500 for every gs:// media request)."""
+
+    def no_project() -> None:
+        raise OSError("Project was not passed and could not be determined from the environment")
+
+    monkeypatch.setattr(media, "make_client", no_project)
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(MediaReader(ALLOWED).inline([_instance("gs://media/a.png")]))
+    assert refused.value.status == 503 and "could not be determined" in str(refused.value)
+
+    monkeypatch.undo()
+    with socket.socket() as s:  # a port nothing listens on: the network fails
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", dead)
+    with pytest.raises(ApiError) as failed:
+        asyncio.run(MediaReader(ALLOWED).inline([_instance("gs://media/a.png")]))
+    assert failed.value.status == 502 and "Cloud Storage error" in str(failed.value)
