@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import http.server
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
+import pytest
 
 T = TypeVar("T")
 
@@ -166,6 +168,21 @@ def loopback_http(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator
         httpd.shutdown()
         httpd.server_close()
         thread.join(10)
+
+
+@contextlib.contextmanager
+def small_disk(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` ("64k") at where/disk, for full-disk cases (this needs root, as
+    CI has)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small disk needs root")
+    mount = where / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 @contextlib.contextmanager

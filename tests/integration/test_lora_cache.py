@@ -24,6 +24,7 @@ from engine.lora_cache import (
     AdapterError,
     classify_adapter,
 )
+from tests import helpers
 from tests.gcs_emulator import FaultyFront, client, emulator, upload_dir
 from tests.helpers import loopback_http
 
@@ -236,16 +237,8 @@ def test_a_full_disk_is_that_requests_error(
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs (this needs root, as CI has)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small disk needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
+    with helpers.small_disk(tmp_path, "256k") as disk:
+        yield disk
 
 
 class _Hub(http.server.BaseHTTPRequestHandler):
