@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import pwd
 import resource
 import secrets
 import shutil
@@ -206,7 +205,6 @@ def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Pat
         "VGATE_STOP_GRACE": str(config.stop_grace),
         "VGATE_LOG_PATH": log_path,
         FORMAT_ENV: config.log_format,
-        "VGATE_USER": pwd.getpwuid(os.geteuid()).pw_name,
         SUPERVISOR_TOKEN_ENV: secrets.token_urlsafe(24),
         "VGATE_API_KEYS": ",".join(config.api_keys),  # for nginx (nginx/auth.js) alone
         "PYTHONUNBUFFERED": "1",
@@ -256,6 +254,8 @@ def supervise(run_dir: Path, env: dict[str, str], grace_s: float, log_fd: int = 
     raise_open_files()  # every process inherits it
     conf = str(SUPERVISORD_CONF)
     argv = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", conf]
+    if os.geteuid() == 0:  # said, so supervisord does not log a CRIT line about it
+        argv += ["--user", "root"]
     # supervisord's own lines, and its programs' that are not JSON (nginx's error log),
     # become JSON entries on their way.
     wrapper: LogSink | None = None
