@@ -100,3 +100,14 @@ def test_the_adapter_cache_has_a_volume_of_its_own() -> None:
     others = [m["mountPath"] for m in container["volumeMounts"] if m is not mount]
     assert not any(cache_dir.startswith(p.rstrip("/") + "/") for p in others)
     assert volume["emptyDir"]["sizeLimit"]
+
+
+def test_the_pod_runs_as_the_images_user_with_no_privilege_to_gain() -> None:
+    """Review M13: non-root (the image's uid 10001), no capabilities, no escalation."""
+    spec = _documents(GKE / "deployment.yaml")[0]["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == 10001
+    assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    (container,) = spec["containers"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
