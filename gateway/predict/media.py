@@ -21,6 +21,7 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.auth.exceptions import GoogleAuthError
 from google.cloud import storage
+from google.cloud.storage.retry import DEFAULT_RETRY
 from requests import RequestException
 
 from engine.gcs import DownloadError, is_gcs, make_client, split_uri
@@ -29,6 +30,9 @@ from gateway.predict.protocol import MEDIA_PARTS, Instance
 
 MAX_MEDIA_BYTES = 20 * 1024 * 1024  # in all, per request
 MAX_MEDIA_ITEMS = 16  # distinct gs:// objects per request
+# How long one object may take, retries included: the storage client's default retries
+# for 120 s, which a dead storage would cost every media request.
+MEDIA_FETCH_S = 30.0
 
 
 class MediaReader:
@@ -115,7 +119,13 @@ class MediaReader:
             blob = self._client.bucket(bucket).blob(name)
             # One request: at most one byte past the limit, which tells a larger object.
             # (A range has no whole-object checksum to check; the transport is TLS.)
-            data = await asyncio.to_thread(blob.download_as_bytes, end=budget, checksum=None)
+            data = await asyncio.to_thread(
+                blob.download_as_bytes,
+                end=budget,
+                checksum=None,
+                timeout=MEDIA_FETCH_S,
+                retry=DEFAULT_RETRY.with_timeout(MEDIA_FETCH_S),
+            )
         except gexc.NotFound:
             raise ApiError(400, f"{where}: {uri}: no such object") from None
         except (gexc.Forbidden, gexc.Unauthorized):

@@ -158,6 +158,7 @@ def test_unusable_cloud_storage_is_the_services_error_not_a_500(monkeypatch) -> 
     assert refused.value.status == 503 and "could not be determined" in str(refused.value)
 
     monkeypatch.undo()
+    monkeypatch.setattr(media, "MEDIA_FETCH_S", 2.0)  # the retries' bound, made short
     with socket.socket() as s:  # a port nothing listens on: the network fails
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
