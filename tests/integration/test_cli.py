@@ -16,9 +16,8 @@ from gateway.control.serve import find_nginx
 from tests.helpers import free_port, log_entries, stop_tree
 
 
-def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run `vgate serve`; should it start serving after all, stop everything it started."""
-    proc = subprocess.Popen(
+def _start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
         [sys.executable, "-m", "gateway.control.cli", "serve", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -26,12 +25,20 @@ def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
         env={**os.environ, **(env or {})},
         process_group=0,
     )
+
+
+def _finish(proc: subprocess.Popen, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    """Its end; should it start serving after all, stop everything it started."""
     try:
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         stop_tree(proc)
         raise AssertionError("vgate serve started instead of refusing") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return _finish(_start(*args, env=env))
 
 
 def test_busy_port() -> None:
@@ -57,53 +64,63 @@ def test_text_for_a_terminal() -> None:
     assert line.endswith(f" ERROR vgate: port {port} on 127.0.0.1 is busy (Address already in use)")
 
 
-@pytest.mark.parametrize(
-    ("args", "env", "says"),
-    [
-        (["--device", "tpu"], {}, "--device: invalid value 'tpu'"),
-        (
-            ["--device", "cuda", "--tensor-parallel-size", "2"],
-            {"CUDA_VISIBLE_DEVICES": "0,1,2"},
-            "2 GPUs per replica (tensor x pipeline parallel size) do not divide the 3",
-        ),
-        (["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": ""}, "--device cuda, but no GPU"),
-        (["--port", "x"], {}, "--port: invalid value 'x'"),
-        ([], {"AIP_HTTP_PORT": "0"}, "AIP_HTTP_PORT: invalid value '0'"),
-        # Engine flags, read by vLLM's own parser before anything starts.
-        (
-            ["--max-num-seqz=8"],
-            {},
-            "vLLM refuses the engine flags: unrecognized arguments: --max-num-seqz=8 "
-            "(did you mean --max-num-seqs?)",
-        ),
-        (
-            ["--max-num-seqs", "many"],
-            {},
-            "vLLM refuses the engine flags: argument --max-num-seqs: invalid int value",
-        ),
-        (
-            ["--device", "cpu", "-tp", "2"],
-            {},
-            "tensor or pipeline parallelism (--tensor-parallel-size, "
-            "--pipeline-parallel-size) needs --device cuda",
-        ),
-        (
-            ["--device", "cuda", "-tp=2", "-pp=2"],
-            {"CUDA_VISIBLE_DEVICES": "0,1"},
-            "4 GPUs per replica (tensor x pipeline parallel size) do not divide the 2",
-        ),
-        (["--enforce-eager", "org/m"], {}, "'org/m' is not a flag: give the model first"),
-        (["org/m", "--model", "org/n"], {}, "the model is given twice"),
-        (
-            ["--model-replicas=4,2"],
-            {},
-            "--model-replicas: '4,2': vgate serves one model per container",
-        ),
-    ],
-)
-def test_bad_configuration_is_one_line(args: list[str], env: dict[str, str], says: str) -> None:
-    # A free port, so that only the fault under test can stop it.
-    result = _serve(*args, env={"AIP_HTTP_PORT": str(free_port()), **env})
+REFUSALS: list[tuple[list[str], dict[str, str], str]] = [
+    (["--device", "tpu"], {}, "--device: invalid value 'tpu'"),
+    (
+        ["--device", "cuda", "--tensor-parallel-size", "2"],
+        {"CUDA_VISIBLE_DEVICES": "0,1,2"},
+        "2 GPUs per replica (tensor x pipeline parallel size) do not divide the 3",
+    ),
+    (["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": ""}, "--device cuda, but no GPU"),
+    (["--port", "x"], {}, "--port: invalid value 'x'"),
+    ([], {"AIP_HTTP_PORT": "0"}, "AIP_HTTP_PORT: invalid value '0'"),
+    # Engine flags, read by vLLM's own parser before anything starts.
+    (
+        ["--max-num-seqz=8"],
+        {},
+        "vLLM refuses the engine flags: unrecognized arguments: --max-num-seqz=8 "
+        "(did you mean --max-num-seqs?)",
+    ),
+    (
+        ["--max-num-seqs", "many"],
+        {},
+        "vLLM refuses the engine flags: argument --max-num-seqs: invalid int value",
+    ),
+    (
+        ["--device", "cpu", "-tp", "2"],
+        {},
+        "tensor or pipeline parallelism (--tensor-parallel-size, "
+        "--pipeline-parallel-size) needs --device cuda",
+    ),
+    (
+        ["--device", "cuda", "-tp=2", "-pp=2"],
+        {"CUDA_VISIBLE_DEVICES": "0,1"},
+        "4 GPUs per replica (tensor x pipeline parallel size) do not divide the 2",
+    ),
+    (["--enforce-eager", "org/m"], {}, "'org/m' is not a flag: give the model first"),
+    (["org/m", "--model", "org/n"], {}, "the model is given twice"),
+    (
+        ["--model-replicas=4,2"],
+        {},
+        "--model-replicas: '4,2': vgate serves one model per container",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def refused() -> list[subprocess.CompletedProcess]:
+    """Every refusal's run, started at once: each spends seconds importing vLLM's parser."""
+    # A free port each, so that only the fault under test can stop it.
+    started = [
+        _start(*args, env={"AIP_HTTP_PORT": str(free_port()), **env}) for args, env, _ in REFUSALS
+    ]
+    return [_finish(proc, timeout_s=300) for proc in started]
+
+
+@pytest.mark.parametrize("case", range(len(REFUSALS)), ids=[r[2][:40] for r in REFUSALS])
+def test_bad_configuration_is_one_line(refused: list, case: int) -> None:
+    says = REFUSALS[case][2]
+    result = refused[case]
     assert result.returncode == 2
     [entry] = log_entries(result.stderr)  # one line, in the run's log format
     assert entry["severity"] == "ERROR" and entry["message"].startswith(says), entry
