@@ -31,7 +31,7 @@ image: $(VENV)/.installed-test
 	deploy/build-image.sh $(IMAGE)
 
 test: lint image
-	VGATE_IMAGE=$(IMAGE) $(VENV)/bin/pytest -p no:cacheprovider
+	VGATE_IMAGE=$(IMAGE) $(VENV)/bin/pytest -p no:cacheprovider --durations=25
 
 # 30 minutes of load (VGATE_SOAK_S to change it): nothing fails, memory stays flat.
 soak: $(VENV)/.installed-test
