@@ -307,7 +307,7 @@ def written(kind: str, write: Callable[[], None], unwritable: set[str]) -> bool:
         return False
     if kind in unwritable:
         unwritable.discard(kind)
-        log.warning("%s written again", kind)
+        log.info("%s written again", kind)
     return True
 
 

@@ -291,9 +291,10 @@ def _adapter(lora: Any, where: str, policy: AdapterPolicy | None) -> str:
     if policy is None:
         raise _bad(f"{where}: the engines run without LoRA; start vgate serve with --enable-lora")
     try:
-        check_adapter_name(lora)  # bounded, even as a name vLLM alone knows
         if "/" in lora:  # not the name of an adapter loaded at start: a source
-            policy.check(classify_adapter(lora))
+            policy.check(classify_adapter(lora))  # which bounds the name too
+        else:
+            check_adapter_name(lora)  # bounded, even as a name vLLM alone knows
     except AdapterError as e:
         raise _bad(f"{where}: {e}") from None
     return lora

@@ -114,7 +114,11 @@ def refused() -> list[subprocess.CompletedProcess]:
     started = [
         _start(*args, env={"AIP_HTTP_PORT": str(free_port()), **env}) for args, env, _ in REFUSALS
     ]
-    return [_finish(proc, timeout_s=300) for proc in started]
+    try:
+        return [_finish(proc, timeout_s=300) for proc in started]
+    finally:
+        for proc in started:  # one that did not refuse stops the wait: none is left running
+            stop_tree(proc)
 
 
 @pytest.mark.parametrize("case", range(len(REFUSALS)), ids=[r[2][:40] for r in REFUSALS])
