@@ -31,7 +31,8 @@ def test_ipv6_host_is_bracketed(tmp_path) -> None:
 
 
 def test_upstream_lists_ready_engines_and_marks_the_rest_down() -> None:
-    workers = build_workers(plan("cpu", [], [0, 1]), [9001, 9002], "py", "m", None, [], {})
+    placements = plan("cpu", [], [0, 1], replicas=2)
+    workers = build_workers(placements, [9001, 9002], "py", "m", None, [], {})
     text = render_upstream(workers, ready={1}, generation="42")
     lines = [line.strip() for line in text.splitlines() if line.strip().startswith("server ")]
     assert lines[0].startswith("server 127.0.0.1:9001") and " down;" in lines[0]
