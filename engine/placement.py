@@ -1,18 +1,26 @@
 """Where each engine replica runs: which GPUs, or which CPU cores.
 
-Pure functions: the device facts come in as arguments so that every rule can be
-tested without a GPU.
+The machine is read at the edge (`visible_gpus`, `gpu_facts`, `usable_cpus`,
+`read_cpu_topology`); planning is pure: the device facts come in as arguments so
+that every rule can be tested without a GPU or the machine's topology.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_CPU_REPLICAS = 2
+SYSFS = Path("/sys")
+# Cores kept free of a default CPU engine's OpenMP threads: vLLM's own auto binding
+# reserves one per engine (its local world size) for the API server and scheduler;
+# nginx and the gateway run there too.
+RESERVED_CPUS_PER_ENGINE = 1
 
 
 class PlacementError(ValueError):
@@ -26,8 +34,9 @@ class Placement:
     replica: int
     device: str  # "cuda" or "cpu"
     gpus: tuple[int, ...] = ()
-    cpus: tuple[int, ...] = ()
+    cpus: tuple[int, ...] = ()  # CPU: the cores its OpenMP threads are bound to
     cluster_gpus: int = 0  # multi-host: GPUs the replica takes across the Ray cluster
+    reserved_cpus: tuple[int, ...] = ()  # CPU default: its node's cores kept free of them
 
     @property
     def label(self) -> str:
@@ -59,9 +68,112 @@ def visible_gpus() -> list[int]:
     return [int(line) for line in out.split() if line.strip().isdigit()]
 
 
+@dataclass(frozen=True)
+class GpuFacts:
+    """What vLLM's default --max-num-seqs depends on: a GPU's memory and name."""
+
+    memory_bytes: int
+    name: str
+
+
+def gpu_facts(index: int, timeout_s: float = 20) -> GpuFacts | None:
+    """GPU `index`'s total memory and name from nvidia-smi; None if it cannot say."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        query = ["--query-gpu=name,memory.total", "--format=csv,noheader,nounits"]
+        out = subprocess.run(
+            ["nvidia-smi", "-i", str(index), *query],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_gpu_facts(out)
+
+
+def parse_gpu_facts(out: str) -> GpuFacts | None:
+    """nvidia-smi's `NAME, MiB` line (the first, if several) as GpuFacts."""
+    name, _, mib = (out.strip().splitlines() or [""])[0].rpartition(",")
+    try:
+        return GpuFacts(memory_bytes=int(float(mib)) << 20, name=name.strip())
+    except ValueError:
+        return None
+
+
 def usable_cpus() -> list[int]:
     """CPU cores this process may run on (cgroup/affinity aware)."""
     return sorted(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True)
+class CpuNode:
+    """One NUMA node's usable logical CPUs, grouped by physical core (SMT siblings)."""
+
+    node: int
+    cores: tuple[tuple[int, ...], ...]  # each core's logical CPUs, ascending
+
+
+@dataclass(frozen=True)
+class CpuTopology:
+    nodes: tuple[CpuNode, ...]
+    arch: str = "x86_64"  # platform.machine(): which SMT sibling vLLM binds to
+
+
+def _id_list(text: str) -> list[int]:
+    """sysfs's "0-3,8" -> [0, 1, 2, 3, 8]."""
+    ids: list[int] = []
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            ids.extend(range(int(first), int(last or first) + 1))
+    return ids
+
+
+def read_cpu_topology(
+    root: Path = SYSFS, allowed: Iterable[int] | None = None, arch: str | None = None
+) -> CpuTopology:
+    """The NUMA nodes and physical cores of the CPUs this process may use, from sysfs.
+
+    Without NUMA information (no node dirs) every usable CPU is on one node; without
+    SMT information each CPU is its own core.
+    """
+    usable = set(os.sched_getaffinity(0) if allowed is None else allowed)
+    found: list[tuple[int, set[int]]] = []
+    node_dirs = (root / "devices/system/node").glob("node[0-9]*")
+    for node_dir in sorted(node_dirs, key=lambda d: int(d.name[4:])):
+        try:
+            cpus = set(_id_list((node_dir / "cpulist").read_text())) & usable
+        except (OSError, ValueError):
+            continue
+        if cpus:  # a node of memory alone has none
+            found.append((int(node_dir.name[4:]), cpus))
+    if not found:
+        found = [(0, usable)]
+    nodes = []
+    for node, cpus in found:
+        cores: dict[tuple[int, ...], list[int]] = {}
+        for cpu in sorted(cpus):
+            topology = root / f"devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"
+            try:
+                siblings = tuple(sorted(_id_list(topology.read_text())))
+            except (OSError, ValueError):
+                siblings = (cpu,)
+            cores.setdefault(siblings or (cpu,), []).append(cpu)
+        nodes.append(CpuNode(node, tuple(tuple(c) for c in cores.values())))
+    return CpuTopology(tuple(nodes), platform.machine() if arch is None else arch)
+
+
+def _smt_pick(arch: str) -> Callable[[tuple[int, ...]], tuple[int, ...]]:
+    """Which logical CPUs of one physical core vLLM's auto binding uses (ompmultiprocessing)."""
+    machine = arch.lower()
+    if machine in ("x86_64", "amd64", "i386", "i686", "s390x"):
+        return lambda cpus: cpus[-1:]  # one per physical core: the last sibling
+    if machine.startswith("ppc"):
+        return lambda cpus: tuple(c for c in cpus if c % 8 < 4)
+    return lambda cpus: cpus  # no SMT (Arm, RISC-V): every logical CPU
 
 
 def plan(
@@ -71,12 +183,16 @@ def plan(
     tensor_parallel_size: int = 1,
     replicas: int | None = None,
     ray: bool = False,
+    topology: CpuTopology | None = None,
 ) -> list[Placement]:
     """Split the machine into engine replicas.
 
-    GPUs: one replica per tensor-parallel group of consecutive GPUs. CPU: each
-    replica gets its own contiguous slice of cores, so engines do not fight over
-    the same cores (when there are more replicas than cores, slices are shared).
+    GPUs: one replica per tensor-parallel group of consecutive GPUs. CPU, by
+    default: one replica per NUMA node of `topology` (without one: `cpus` as one
+    node, each CPU its own core), bound as vLLM's own auto binding binds one engine
+    there (see `_plan_cpu_nodes`). CPU with `replicas` given: each replica gets its
+    own contiguous slice of `cpus`, all of them, so engines do not fight over the
+    same cores (when there are more replicas than cores, slices are shared).
     `ray` (--distributed-executor-backend ray): one replica whose group may span
     hosts; vLLM's Ray executor places it on the cluster's GPUs, this host's included.
     """
@@ -92,6 +208,11 @@ def plan(
         return _plan_ray_cluster(device, gpus, tensor_parallel_size, replicas)
     if device == "cuda":
         return _plan_gpus(gpus, tensor_parallel_size, replicas)
+    if replicas is None:
+        _check_cpus(cpus, tensor_parallel_size)
+        if topology is None:
+            topology = CpuTopology((CpuNode(0, tuple((c,) for c in cpus)),))
+        return _plan_cpu_nodes(topology)
     return _plan_cpus(cpus, tensor_parallel_size, replicas)
 
 
@@ -130,7 +251,7 @@ def _plan_ray_cluster(
     return [Placement(replica=0, device="cuda", gpus=tuple(gpus), cluster_gpus=group)]
 
 
-def _plan_cpus(cpus: list[int], tp: int, replicas: int | None) -> list[Placement]:
+def _check_cpus(cpus: list[int], tp: int) -> None:
     if not cpus:
         raise PlacementError("no CPU core is available to this process")
     if tp != 1:
@@ -138,7 +259,34 @@ def _plan_cpus(cpus: list[int], tp: int, replicas: int | None) -> list[Placement
             "tensor or pipeline parallelism (--tensor-parallel-size, --pipeline-parallel-size) "
             "needs --device cuda"
         )
-    count = DEFAULT_CPU_REPLICAS if replicas is None else replicas
+
+
+def _plan_cpu_nodes(topology: CpuTopology) -> list[Placement]:
+    """One replica per NUMA node, its OpenMP threads where vLLM's auto binding puts them.
+
+    That is plain vLLM's own choice for one engine on a node
+    (vllm/utils/ompmultiprocessing.py, `_get_autobind_cpu_ids`): the node's cores,
+    one logical CPU per physical core on x86 (the last SMT sibling), the highest
+    `RESERVED_CPUS_PER_ENGINE` left to the engine's API server and scheduler (and
+    here nginx and the gateway) when more than that remain. Engines on the same
+    cores spin against each other and the front door: on 2 cores, 2 engines lost
+    2.5-4x to one plain vLLM.
+    """
+    placements = []
+    pick = _smt_pick(topology.arch)
+    for node in topology.nodes:
+        chosen = sorted(cpu for core in node.cores for cpu in pick(core))
+        keep = RESERVED_CPUS_PER_ENGINE if len(chosen) > RESERVED_CPUS_PER_ENGINE else 0
+        omp, reserved = tuple(chosen[: len(chosen) - keep]), tuple(chosen[len(chosen) - keep :])
+        if omp:
+            placements.append(Placement(len(placements), "cpu", cpus=omp, reserved_cpus=reserved))
+    if not placements:
+        raise PlacementError("no CPU core is available to this process")
+    return placements
+
+
+def _plan_cpus(cpus: list[int], tp: int, count: int) -> list[Placement]:
+    _check_cpus(cpus, tp)
     if count <= len(cpus):
         size, extra = divmod(len(cpus), count)
         slices, start = [], 0

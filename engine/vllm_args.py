@@ -18,9 +18,30 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NoReturn
 
-# vLLM 0.32's --max-num-seqs default for its OpenAI server: 128 per CPU worker,
-# 256 on most GPUs (1024 on GPUs of 70 GB and more: pass the flag to be exact).
-DEFAULT_MAX_NUM_SEQS = {"cpu": 128, "cuda": 256}
+GiB = 1 << 30
+
+
+def default_max_num_seqs(
+    device: str,
+    world_size: int = 1,
+    gpu_memory: int = 0,
+    gpu_name: str = "",
+    performance_mode: str = "balanced",
+) -> int:
+    """vLLM 0.32's --max-num-seqs default for its OpenAI server (EngineArgs.get_batch_defaults).
+
+    CPU: 128 per worker (tensor x pipeline parallel). GPU: 1024 with 160 GiB of
+    memory or more, or 70 GiB or more on anything but an A100; else 256 (also when
+    the GPU's facts are unknown: `gpu_memory` 0). Doubled by --performance-mode
+    throughput. tests/unit/test_vllm_args.py checks this against vLLM's own.
+    """
+    if device == "cpu":
+        seqs = 128 * world_size
+    elif gpu_memory >= 160 * GiB or (gpu_memory >= 70 * GiB and "a100" not in gpu_name.lower()):
+        seqs = 1024
+    else:
+        seqs = 256
+    return seqs * 2 if performance_mode == "throughput" else seqs
 
 
 class EngineArgsError(ValueError):
@@ -42,6 +63,7 @@ class EngineArgs:
     served_model_name: list[str] | None = None
     lora_modules: tuple[str, ...] = ()  # the operator's adapters' names (--lora-modules)
     distributed_executor_backend: str | None = None
+    performance_mode: str = "balanced"  # vLLM's --performance-mode ("throughput" doubles)
 
     @property
     def spans_hosts(self) -> bool:
@@ -53,12 +75,17 @@ class EngineArgs:
         """One replica is one tensor x pipeline parallel group on this machine."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
-    def sequences_per_engine(self, device: str) -> int:
-        """Sequences one engine runs at once: the flag if given, else vLLM's default."""
+    def sequences_per_engine(self, device: str, gpu_memory: int = 0, gpu_name: str = "") -> int:
+        """Sequences one engine runs at once: the flag if given, else vLLM's default.
+
+        `gpu_memory` (bytes) and `gpu_name`: the engine's first GPU, as vLLM's default
+        depends on them (0 and "": unknown, the smallest GPU default).
+        """
         if self.max_num_seqs is not None:
             return self.max_num_seqs
-        per_worker = DEFAULT_MAX_NUM_SEQS[device]
-        return per_worker * self.gpus_per_replica if device == "cpu" else per_worker
+        return default_max_num_seqs(
+            device, self.gpus_per_replica, gpu_memory, gpu_name, self.performance_mode
+        )
 
 
 @contextlib.contextmanager
@@ -135,4 +162,5 @@ def read_engine_args(argv: list[str]) -> EngineArgs:
         served_model_name=[served] if isinstance(served, str) else served,
         lora_modules=tuple(m.name for m in args.lora_modules or ()),
         distributed_executor_backend=args.distributed_executor_backend,
+        performance_mode=args.performance_mode,
     )

@@ -20,6 +20,7 @@ from engine.placement import Placement, cpu_bind
 VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 # GiB of KV cache per CPU engine unless the user set VLLM_CPU_KVCACHE_SPACE.
 DEFAULT_CPU_KVCACHE_GIB = "1"
+OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 MEDIA_PER_PROMPT = {"image": 16, "audio": 16, "video": 1}
 # Unless the operator set them: vLLM's media fetcher follows no redirect (an allowed URL
 # must not lead elsewhere), uses vgate's connector (no internal address) and takes 20 MB
@@ -94,15 +95,26 @@ def lora_env(
 
 
 def engine_env(placement: Placement, environ: dict[str, str]) -> dict[str, str]:
-    """Per-replica environment: the replica's GPUs, or its CPU cores and a bounded KV cache."""
+    """Per-replica environment: the replica's GPUs, or its CPU cores and a bounded KV cache.
+
+    The operator's own VLLM_CPU_OMP_THREADS_BIND (`auto`, `nobind`, a core list) wins
+    over the placement's cores, for every replica.
+    """
     defaults = {name: environ.get(name, value) for name, value in ENGINE_ENV_DEFAULTS.items()}
     if placement.device == "cuda":
         return defaults | {"CUDA_VISIBLE_DEVICES": ",".join(map(str, placement.gpus))}
     return defaults | {
         "CUDA_VISIBLE_DEVICES": "",
-        "VLLM_CPU_OMP_THREADS_BIND": cpu_bind(placement),
+        OMP_BIND_ENV: environ.get(OMP_BIND_ENV) or cpu_bind(placement),
         "VLLM_CPU_KVCACHE_SPACE": environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB),
     }
+
+
+def device_label(placement: Placement, environ: dict[str, str]) -> str:
+    """The replica's device as /health shows it: where its OpenMP threads are bound."""
+    if placement.device == "cpu" and environ.get(OMP_BIND_ENV):
+        return f"cpu:{environ[OMP_BIND_ENV]}"
+    return placement.label
 
 
 def build_workers(
@@ -119,7 +131,7 @@ def build_workers(
         EngineWorker(
             replica=p.replica,
             port=port,
-            device=p.label,
+            device=device_label(p, environ),
             argv=engine_argv(python, model, port, served_model_name, passthrough),
             env={**engine_env(p, environ), **(extra_env or {})},
             cluster_gpus=p.cluster_gpus,

@@ -6,7 +6,13 @@ from engine.workers import VLLM_SERVER_MODULE, build_workers, load_workers, save
 
 def test_cpu_workers_get_own_cores_port_and_bounded_kv_cache(tmp_path) -> None:
     workers = build_workers(
-        plan("cpu", [], [0, 1]), [8001, 8002], "/py", "/m", "demo", ["--max-model-len", "64"], {}
+        plan("cpu", [], [0, 1], replicas=2),
+        [8001, 8002],
+        "/py",
+        "/m",
+        "demo",
+        ["--max-model-len", "64"],
+        {},
     )
     w0, w1 = workers
     assert w0.argv == [
@@ -66,3 +72,19 @@ def test_engines_fetch_media_through_vgates_guard_unless_the_operator_says_other
     mine = {"VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB": "64"}
     (w,) = build_workers(plan("cpu", [], [0], replicas=1), [1], "/py", "m", None, [], mine)
     assert w.env["VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB"] == "64"
+
+
+def test_default_cpu_engine_binds_its_threads_off_the_reserved_core() -> None:
+    (w,) = build_workers(plan("cpu", [], [0, 1]), [1], "/py", "m", None, [], {})
+    assert (w.env["VLLM_CPU_OMP_THREADS_BIND"], w.device) == ("0", "cpu:0")
+
+
+def test_the_operators_own_thread_binding_wins() -> None:
+    mine = {"VLLM_CPU_OMP_THREADS_BIND": "auto"}
+    workers = build_workers(plan("cpu", [], [0, 1], replicas=2), [1, 2], "/py", "m", None, [], mine)
+    assert [w.env["VLLM_CPU_OMP_THREADS_BIND"] for w in workers] == ["auto", "auto"]
+    assert [w.device for w in workers] == ["cpu:auto", "cpu:auto"]  # what /health shows
+    (w,) = build_workers(plan("cpu", [], [0, 1]), [1], "/py", "m", None, [], {**mine, "x": "1"})
+    assert w.env["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
+    (g,) = build_workers(plan("cuda", [0], []), [1], "/py", "m", None, [], mine)
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in g.env and g.device == "cuda:0"
