@@ -28,14 +28,15 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-# nginx, its njs module (it checks --api-key in constant time) and its Lua module (it
-# counts the front door's requests for /metrics); Python and venv on a bare base (the
-# CPU image's Debian).
+# nginx, its njs module (it checks --api-key in constant time), its Lua module (it
+# counts the front door's requests for /metrics and, with lua-cjson to read request
+# bodies, routes by prompt prefix); Python and venv on a bare base (the CPU image's Debian).
 packages=()
 if { ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; } \
     || [ ! -f /usr/lib/nginx/modules/ngx_http_js_module.so ] \
-    || [ ! -f /usr/lib/nginx/modules/ngx_http_lua_module.so ]; then
-  packages+=(nginx libnginx-mod-http-js libnginx-mod-http-lua)
+    || [ ! -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] \
+    || ! compgen -G "/usr/lib/*/lua/5.1/cjson.so" >/dev/null; then
+  packages+=(nginx libnginx-mod-http-js libnginx-mod-http-lua lua-cjson)
 fi
 # The tests run a real Prometheus server and promtool (alert rules and their tests).
 if [[ ",$extras," == *",test,"* ]] && ! command -v promtool >/dev/null 2>&1; then
@@ -68,8 +69,10 @@ if [ ${#packages[@]} -gt 0 ]; then
   fi
   if [[ " ${packages[*]} " == *" libnginx-mod-http-lua "* ]] \
       && ! apt-cache show libnginx-mod-http-lua >/dev/null 2>&1; then
-    echo "install.sh: no libnginx-mod-http-lua here: /metrics will not count the front door" >&2
+    echo "install.sh: no libnginx-mod-http-lua here: /metrics will not count the front door," \
+      "and routing is by load alone" >&2
     packages=("${packages[@]/libnginx-mod-http-lua}")
+    packages=("${packages[@]/lua-cjson}")
   fi
   # shellcheck disable=SC2068  # unquoted: the entry emptied above must vanish
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \

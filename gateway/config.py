@@ -21,6 +21,10 @@ from engine.logs import FORMATS as LOG_FORMATS
 from engine.placement import DEVICES
 from engine.vllm_args import EngineArgs
 
+# How nginx picks an engine: by prompt prefix, adapter and session, bounded by load
+# (gateway/control/nginx/vgate_routing_policy.lua); or by load alone (nginx's least_conn).
+ROUTINGS = ("prefix", "least-conn")
+
 
 class ConfigError(ValueError):
     """A setting that cannot work; reported as one line, exit code 2."""
@@ -56,6 +60,8 @@ class Config:
     allowed_lora_sources: list[str] | None = None
     allowed_media_buckets: list[str] = field(default_factory=list)
     enable_admin_routes: bool = False
+    # None: prefix-aware when nginx can (its Lua module, lua-cjson), else least-conn.
+    routing: str | None = None
     log_format: str = "json"
     log_project: str | None = None
     engine_args: list[str] = field(default_factory=list)
@@ -185,11 +191,23 @@ _SETTINGS: dict[str, Setting] = {
         _positive_int,
         "VGATE_REPLICAS",
         (),
-        "engine replicas (default: visible GPUs / (tensor x pipeline parallel size); on the CPU 2)",
+        "engine replicas (default: visible GPUs / (tensor x pipeline parallel size); on the CPU "
+        "one per NUMA node, bound as vLLM binds one engine, a core left free; N on the CPU: "
+        "every core, split)",
         ENGINES,
         metavar="N",
     ),
     "device": Setting(str, "VGATE_DEVICE", (), "where engines run", ENGINES, choices=DEVICES),
+    "routing": Setting(
+        str,
+        "VGATE_ROUTING",
+        (),
+        "how a request's engine is chosen: the one holding its prompt's prefix, its adapter "
+        "or its X-Session-Id, within a bounded share of the load (prefix); or the least "
+        "busy (least-conn). Default: prefix when nginx has its Lua module and lua-cjson",
+        ENGINES,
+        choices=ROUTINGS,
+    ),
     "host_kv_cache_fraction": Setting(
         _fraction,
         "VGATE_HOST_KV_CACHE_FRACTION",
@@ -297,7 +315,8 @@ _SETTINGS: dict[str, Setting] = {
         "VGATE_MAX_INFLIGHT",
         (),
         "engine requests in flight before new ones get 429 "
-        "(default: the engines' --max-num-seqs times replicas)",
+        "(default: the engines' --max-num-seqs, or vLLM's default for the device, times "
+        "replicas)",
         REQUESTS,
         metavar="N",
     ),

@@ -7,6 +7,8 @@ before it can answer, and nginx (open source) has no active health checks.
 
 from __future__ import annotations
 
+import glob
+import json
 import math
 import os
 import pwd
@@ -21,6 +23,10 @@ from gateway.predict.media import MAX_MEDIA_BYTES
 
 TEMPLATE_DIR = Path(__file__).with_name("nginx")
 UPSTREAM_FILE = "engines-upstream.conf"
+# How the engines upstream picks an engine: `least_conn;` or the Lua balancer.
+BALANCING_FILE = "engines-balancing.conf"
+# What prefix-aware routing needs to know of the engines (vgate_routing.lua configure()).
+ROUTING_FILE = "routing.json"
 # vLLM 0.32's public OpenAI routes under /v1/ (/v1/models is the gateway's); the rest
 # there is administrative.
 OPENAI_ROUTES = (
@@ -43,6 +49,8 @@ MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules", "/etc/nginx
 JS_MODULE = "ngx_http_js_module.so"
 # The Lua module and the development kit it needs (Debian: libnginx-mod-http-lua).
 LUA_MODULES = ("ndk_http_module.so", "ngx_http_lua_module.so")
+# The JSON decoder prefix-aware routing reads request bodies with (Debian: lua-cjson).
+CJSON_GLOBS = ("/usr/lib/*/lua/5.1/cjson.so", "/usr/local/lib/lua/5.1/cjson.so")
 
 
 def find_module(name: str, dirs: tuple[str, ...] = MODULE_DIRS) -> str | None:
@@ -68,6 +76,23 @@ def lua_modules(dirs: tuple[str, ...] = MODULE_DIRS) -> list[str]:
     it vgate serves, and /metrics has the gateway's and the engines' figures only."""
     found = [find_module(name, dirs) for name in LUA_MODULES]
     return [path for path in found if path] if all(found) else []
+
+
+def routing(requested: str | None, modules: list[str], cjson: bool | None = None) -> str:
+    """The routing nginx can do: prefix-aware needs the Lua module and lua-cjson.
+
+    `requested`: --routing, or None for the best available.
+    """
+    if cjson is None:
+        cjson = any(glob.glob(pattern) for pattern in CJSON_GLOBS)
+    available = bool(modules) and cjson
+    if requested == "prefix" and not available:
+        raise ConfigError(
+            "--routing prefix needs nginx's Lua module and lua-cjson (Debian: "
+            "libnginx-mod-http-lua lua-cjson; deploy/install.sh installs them), "
+            "or --routing least-conn"
+        )
+    return requested or ("prefix" if available else "least-conn")
 
 
 def metric_routes(config: Config, health: list[str]) -> list[tuple[str, str]]:
@@ -107,6 +132,8 @@ def render_nginx(config: Config, run_dir: Path, access_log: str = "/dev/stdout")
     health = [*HEALTH_ROUTES, *([config.health_route] if config.health_route else [])]
     return _template("nginx.conf.j2").render(
         lua_modules=lua_modules(),
+        prefix_routing=config.routing == "prefix",
+        routing_file=ROUTING_FILE,
         lua_dir=TEMPLATE_DIR,
         metric_routes=metric_routes(config, health),
         api_keys=bool(config.api_keys),
@@ -132,14 +159,35 @@ def render_nginx(config: Config, run_dir: Path, access_log: str = "/dev/stdout")
     )
 
 
-def render_upstream(workers: list[EngineWorker], ready: set[int], generation: str) -> str:
+def render_upstream(
+    workers: list[EngineWorker], ready: set[int], generation: str, run_dir: Path
+) -> str:
     """The engines upstream: engines not ready are marked down."""
     return _template("engines-upstream.conf.j2").render(
-        workers=workers, ready=ready, generation=generation
+        workers=workers,
+        ready=ready,
+        generation=generation,
+        run_dir=run_dir,
+        balancing_file=BALANCING_FILE,
     )
 
 
 def write_upstream(
     run_dir: Path, workers: list[EngineWorker], ready: set[int], generation: str
 ) -> None:
-    write_atomic(run_dir / UPSTREAM_FILE, render_upstream(workers, ready, generation))
+    write_atomic(run_dir / UPSTREAM_FILE, render_upstream(workers, ready, generation, run_dir))
+
+
+def render_balancing(route: str) -> str:
+    """The upstream's method: nginx's least_conn, or the prefix-aware Lua balancer
+    (keepalive, after it in the upstream block, keeps its connections)."""
+    if route == "prefix":
+        return 'balancer_by_lua_block { require("vgate_routing").balance() }\n'
+    return "least_conn;\n"
+
+
+def write_routing(run_dir: Path, route: str | None, models_everywhere: list[str]) -> None:
+    """The upstream's method, and the models every engine serves from the start (the
+    served model's names, the operator's --lora-modules): any other is an adapter."""
+    write_atomic(run_dir / BALANCING_FILE, render_balancing(route or "least-conn"))
+    write_atomic(run_dir / ROUTING_FILE, json.dumps({"models_everywhere": models_everywhere}))

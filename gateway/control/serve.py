@@ -32,14 +32,21 @@ from engine.launch import SUPERVISOR_TOKEN_ENV, exits_path
 from engine.logs import FORMAT_ENV, configure
 from engine.model_source import ModelSourceError, classify_model, local_model
 from engine.vllm_args import EngineArgsError, read_engine_args
-from engine.workers import build_workers, lora_env, save_workers
+from engine.workers import OMP_BIND_ENV, build_workers, lora_env, save_workers
 from gateway.config import Config, ConfigError, resolve
 from gateway.control.drain import DRAIN_FILE, drain
 from gateway.control.gcp_project import find_project
 from gateway.control.google_args import host_kv_offload, translate
 from gateway.control.log_sink import LogSink, open_sink, open_wrapper
 from gateway.control.monitor import FATAL_FILE
-from gateway.control.nginx_config import UPSTREAM_FILE, render_nginx, write_upstream
+from gateway.control.nginx_config import (
+    UPSTREAM_FILE,
+    lua_modules,
+    render_nginx,
+    routing,
+    write_routing,
+    write_upstream,
+)
 from gateway.engine_schema import SCHEMA_FILE
 from gateway.state import STATE_FILE
 
@@ -105,6 +112,17 @@ def read_engine_flags(config: Config) -> Config:
     return dataclasses.replace(config, engine=engine)
 
 
+def sequences_per_engine(config: Config, first: placement.Placement) -> int:
+    """--max-num-seqs of each engine: the flag, else vLLM's default for the device
+    (on a GPU it depends on its memory and name: nvidia-smi says, or the smallest)."""
+    facts = None
+    if first.device == "cuda" and first.gpus and config.engine.max_num_seqs is None:
+        facts = placement.gpu_facts(first.gpus[0])
+    if facts is None:
+        return config.engine.sequences_per_engine(first.device)
+    return config.engine.sequences_per_engine(first.device, facts.memory_bytes, facts.name)
+
+
 def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Path, dict[str, str]]:
     """Check everything, write the run dir; return it and supervisord's environment."""
     nginx = find_nginx()
@@ -119,6 +137,7 @@ def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Pat
         config.engine.gpus_per_replica,
         config.replicas,
         ray=config.engine.spans_hosts,
+        topology=placement.read_cpu_topology(),
     )
     offload, note = host_kv_offload(
         config.host_kv_cache_fraction, available_memory(), len(placements), placements[0].device
@@ -152,8 +171,9 @@ def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Pat
     (run_dir / "nginx").mkdir(exist_ok=True)
 
     if config.max_inflight is None:
-        per_engine = config.engine.sequences_per_engine(placements[0].device)
-        config = dataclasses.replace(config, max_inflight=per_engine * len(placements))
+        config = dataclasses.replace(
+            config, max_inflight=sequences_per_engine(config, placements[0]) * len(placements)
+        )
     # The engines refuse what no stack could admit (an OpenAI request's n, or its prompt
     # list, above --max-inflight), as the gateway does for predict.
     limits = {
@@ -184,7 +204,10 @@ def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Pat
         },
     )
     save_workers(workers, run_dir / "engines.json")
+    config = dataclasses.replace(config, routing=routing(config.routing, lua_modules()))
     config.save(run_dir / "config.json")
+    served = config.engine.served_model_name or [served_name or model]
+    write_routing(run_dir, config.routing, [*served, *config.engine.lora_modules])
     write_upstream(run_dir, workers, ready=set(), generation="start")
     write_atomic(run_dir / DRAIN_FILE, "")
     conf = run_dir / "nginx.conf"
@@ -210,6 +233,14 @@ def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Pat
         "PYTHONUNBUFFERED": "1",
     }
     devices = ", ".join(w.device for w in workers)
+    reserved = sorted({c for p in placements for c in p.reserved_cpus})
+    if reserved and not environ.get(OMP_BIND_ENV):
+        log.info(
+            "CPU engines' threads kept off core(s) %s, for their API servers and schedulers, "
+            "nginx and the gateway, as vLLM's own binding does (%s overrides)",
+            ",".join(map(str, reserved)),
+            OMP_BIND_ENV,
+        )
     log.info(
         "serving %s on http://%s:%d with %d engine replica(s) [%s], at most %d requests in "
         "flight, run dir %s",

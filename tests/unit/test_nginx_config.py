@@ -1,9 +1,22 @@
 """The rendered nginx configuration (checked by nginx itself in tests/integration)."""
 
+import dataclasses
+import json
+
+import pytest
+
 from engine.placement import plan
 from engine.workers import build_workers
-from gateway.config import resolve
-from gateway.control.nginx_config import render_nginx, render_upstream
+from gateway.config import ConfigError, resolve
+from gateway.control.nginx_config import (
+    BALANCING_FILE,
+    ROUTING_FILE,
+    lua_modules,
+    render_nginx,
+    render_upstream,
+    routing,
+    write_routing,
+)
 
 
 def test_front_door_and_internal_listener(tmp_path) -> None:
@@ -30,15 +43,45 @@ def test_ipv6_host_is_bracketed(tmp_path) -> None:
     assert "listen [::]:8080" in render_nginx(resolve(["--host", "::"], {}), tmp_path)
 
 
-def test_upstream_lists_ready_engines_and_marks_the_rest_down() -> None:
+def test_upstream_lists_ready_engines_and_marks_the_rest_down(tmp_path) -> None:
     placements = plan("cpu", [], [0, 1], replicas=2)
     workers = build_workers(placements, [9001, 9002], "py", "m", None, [], {})
-    text = render_upstream(workers, ready={1}, generation="42")
+    text = render_upstream(workers, ready={1}, generation="42", run_dir=tmp_path)
     lines = [line.strip() for line in text.splitlines() if line.strip().startswith("server ")]
     assert lines[0].startswith("server 127.0.0.1:9001") and " down;" in lines[0]
     assert lines[1].startswith("server 127.0.0.1:9002") and " down;" not in lines[1]
-    assert "least_conn;" in text and "keepalive_timeout 4s;" in text  # below vLLM's 5 s
+    assert f"include {tmp_path}/{BALANCING_FILE};" in text  # least_conn or the Lua balancer
+    assert "keepalive_timeout 4s;" in text  # below vLLM's 5 s
+    assert text.index(BALANCING_FILE) < text.index("keepalive 64;")  # the balancer's pool
     assert 'default "42";' in text  # what the monitor waits to see after a reload
+    assert 'default "1=127.0.0.1:9002 ";' in text  # the ready engines, for the Lua balancer
+
+
+def test_routing_is_prefix_aware_where_nginx_can_be(tmp_path) -> None:
+    assert routing(None, ["lua.so"], cjson=True) == "prefix"
+    assert routing(None, [], cjson=True) == "least-conn"  # no Lua module: load alone
+    assert routing(None, ["lua.so"], cjson=False) == "least-conn"
+    assert routing("least-conn", ["lua.so"], cjson=True) == "least-conn"
+    with pytest.raises(ConfigError, match="lua-cjson"):
+        routing("prefix", ["lua.so"], cjson=False)
+    write_routing(tmp_path, "prefix", ["vgate-demo", "sql-lora"])
+    assert "balancer_by_lua_block" in (tmp_path / BALANCING_FILE).read_text()
+    assert json.loads((tmp_path / ROUTING_FILE).read_text()) == {
+        "models_everywhere": ["vgate-demo", "sql-lora"]
+    }
+    write_routing(tmp_path, "least-conn", [])
+    assert (tmp_path / BALANCING_FILE).read_text() == "least_conn;\n"
+
+
+def test_prefix_routing_reads_bodies_only_where_engines_answer(tmp_path) -> None:
+    if not lua_modules():
+        pytest.skip("needs nginx's Lua module")
+    config = dataclasses.replace(resolve([], {}), routing="prefix")
+    locations = _locations(render_nginx(config, tmp_path))
+    prepare = 'access_by_lua_block { require("vgate_routing").prepare() }'
+    to_engines = [body for match, body in locations.items() if match.startswith("~ ^/")]
+    assert len(to_engines) == 2 and all(prepare in body for body in to_engines)
+    assert prepare not in locations["/"] and prepare not in locations["= /v1/models"]
 
 
 def test_vertex_routes_reach_the_gateway_although_they_start_with_v1(tmp_path) -> None:
