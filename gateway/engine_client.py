@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -37,11 +38,33 @@ def _engine_message(body: bytes) -> str:
         return body[:200].decode(errors="replace") or "no message"
 
 
-def _headers(request_id: str | None) -> dict[str, str]:
-    headers = {"Content-Type": "application/json"}
-    if request_id:
-        headers["X-Request-Id"] = request_id
-    return headers
+@dataclass(frozen=True)
+class Tags:
+    """What an engine call carries of the client's request: its id (for the engines'
+    logs) and its X-Session-Id (nginx's routing keeps a session on one engine)."""
+
+    request_id: str | None = None
+    session_id: str | None = None
+
+    @classmethod
+    def of(cls, headers: Mapping[str, str]) -> Tags:
+        return cls(headers.get("X-Request-Id"), headers.get("X-Session-Id"))
+
+    def instance(self, index: int) -> Tags:
+        """Each instance's engine request has an id of its own, in the same session."""
+        request_id = f"{self.request_id}-{index}" if self.request_id else None
+        return Tags(request_id, self.session_id)
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.request_id:
+            headers["X-Request-Id"] = self.request_id
+        if self.session_id:
+            headers["X-Session-Id"] = self.session_id
+        return headers
+
+
+NO_TAGS = Tags()
 
 
 def _engine_error(status: int, body: bytes, where: str) -> ApiError:
@@ -65,13 +88,13 @@ async def call_json(
     path: str,
     payload: dict[str, Any],
     where: str,
-    request_id: str | None = None,
+    tags: Tags = NO_TAGS,
 ) -> Any:
     """POST `payload` to an engine route; `where` names the instance in any error.
 
     The caller sets the deadline (the whole request's, see predict/serving.py).
     """
-    async with open_stream(session, path, payload, where, request_id) as body:
+    async with open_stream(session, path, payload, where, tags) as body:
         return orjson.loads(await body.read())
 
 
@@ -93,14 +116,14 @@ async def open_stream(
     path: str,
     payload: dict[str, Any],
     where: str,
-    request_id: str | None = None,
+    tags: Tags = NO_TAGS,
 ) -> AsyncIterator[aiohttp.StreamReader]:
     """An engine's answer as it arrives, once the engine has accepted the request.
 
     Leaving the block early (a client gone, a deadline) closes the connection,
     and vLLM stops the generation.
     """
-    data, headers = orjson.dumps(payload), _headers(request_id)
+    data, headers = orjson.dumps(payload), tags.headers()
     try:
         async with await _post(session, BASE_URL + path, data, headers) as resp:
             if resp.status != 200:

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from engine.lora_cache import AdapterPolicy
 from gateway.admission import Admission, check_possible
+from gateway.engine_client import Tags
 from gateway.engine_schema import SchemaReader
 from gateway.errors import ApiError
 from gateway.predict.media import MediaReader
@@ -33,7 +34,7 @@ async def predict_handler(request: web.Request) -> web.StreamResponse:
         parse_instances, envelope, app["engine_schemas"].get(), lora=app["lora"]
     )
     instances = await asyncio.to_thread(check) if len(body) > OFF_LOOP_BYTES else check()
-    request_id = request.headers.get("X-Request-Id")
+    tags = Tags.of(request.headers)
     deadline = Deadline.start(config.request_timeout)
     admission: Admission = app["admission"]
     sequences = sum(i.sequences for i in instances)
@@ -44,18 +45,18 @@ async def predict_handler(request: web.Request) -> web.StreamResponse:
         async with deadline.bound():
             instances = await app["media"].inline(instances)
         if instances[0].stream:
-            return await _stream(request, instances[0], deadline, request_id)
-        answers = await predict(session, instances, deadline, request_id)
+            return await _stream(request, instances[0], deadline, tags)
+        answers = await predict(session, instances, deadline, tags)
     return web.Response(
         body=orjson.dumps({"predictions": answers}), content_type="application/json"
     )
 
 
 async def _stream(
-    request: web.Request, instance: Instance, deadline: Deadline, request_id: str | None
+    request: web.Request, instance: Instance, deadline: Deadline, tags: Tags
 ) -> web.StreamResponse:
     """Send each event as it comes; the request's deadline covers the whole stream."""
-    events = stream(request.app["engine_session"], instance, request_id)
+    events = stream(request.app["engine_session"], instance, tags)
     try:
         async with deadline.bound():
             first = await anext(events, b"")  # an engine refusal is still a JSON error

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway.engine_client import call_json, open_stream
+from gateway.engine_client import NO_TAGS, Tags, call_json, open_stream
 from gateway.errors import ApiError
 from gateway.metrics import UPSTREAM_ERRORS
 from gateway.predict.protocol import GENERATE_ROUTE, TOKENIZE_ROUTE, Instance
@@ -53,7 +53,7 @@ class Deadline:
 
 
 async def engine_request(
-    session: aiohttp.ClientSession, instance: Instance, where: str, request_id: str | None
+    session: aiohttp.ClientSession, instance: Instance, where: str, tags: Tags
 ) -> dict[str, Any]:
     """The instance's request as the engine takes it.
 
@@ -63,32 +63,27 @@ async def engine_request(
     if instance.route != GENERATE_ROUTE:
         return instance.request
     # The base model's tokenizer: an adapter named in "model" has the same one.
-    tokens = await call_json(
-        session, TOKENIZE_ROUTE, {"prompt": instance.prompt}, where, request_id
-    )
+    tokens = await call_json(session, TOKENIZE_ROUTE, {"prompt": instance.prompt}, where, tags)
     return {**instance.request, "token_ids": tokens["tokens"]}
 
 
 async def _answer(
-    session: aiohttp.ClientSession, instance: Instance, where: str, request_id: str | None
+    session: aiohttp.ClientSession, instance: Instance, where: str, tags: Tags
 ) -> Any:
-    request = await engine_request(session, instance, where, request_id)
-    return await call_json(session, instance.route, request, where, request_id)
+    request = await engine_request(session, instance, where, tags)
+    return await call_json(session, instance.route, request, where, tags)
 
 
 async def predict(
     session: aiohttp.ClientSession,
     instances: list[Instance],
     deadline: Deadline,
-    request_id: str | None = None,
+    tags: Tags = NO_TAGS,
 ) -> Any:
     try:
         async with deadline.bound(), asyncio.TaskGroup() as group:
             tasks = [
-                # Each instance's engine request has an id of its own, for the engines' logs.
-                group.create_task(
-                    _answer(session, inst, f"instances[{i}]", _suffixed(request_id, i))
-                )
+                group.create_task(_answer(session, inst, f"instances[{i}]", tags.instance(i)))
                 for i, inst in enumerate(instances)
             ]
     except ExceptionGroup as group_error:
@@ -98,12 +93,8 @@ async def predict(
     return predictions(instances, [t.result() for t in tasks])
 
 
-def _suffixed(request_id: str | None, index: int) -> str | None:
-    return f"{request_id}-{index}" if request_id else None
-
-
 async def stream(
-    session: aiohttp.ClientSession, instance: Instance, request_id: str | None = None
+    session: aiohttp.ClientSession, instance: Instance, tags: Tags = NO_TAGS
 ) -> AsyncIterator[bytes]:
     """The bytes of a streamed prediction, as the engine makes them.
 
@@ -112,9 +103,9 @@ async def stream(
     they are; a text instance's become `{"predictions": ["<delta>"]}` events.
     """
     stream_format = instance.stream_format
-    request = await engine_request(session, instance, "instances[0]", request_id)
+    request = await engine_request(session, instance, "instances[0]", tags)
     request = {**request, "stream": True}
-    async with open_stream(session, instance.route, request, "instances[0]", request_id) as body:
+    async with open_stream(session, instance.route, request, "instances[0]", tags) as body:
         if instance.chat:
             async for chunk in body.iter_any():
                 yield chunk

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.engine_client import engine_session
+from gateway.engine_client import Tags, engine_session
 from gateway.errors import ApiError
 from gateway.predict.protocol import COMPLETIONS_ROUTE, Instance
 from gateway.predict.serving import Deadline, predict
@@ -26,7 +26,8 @@ async def _with_engine(
 ):
     """Run predict against a stand-in; return (outcome, how many engine calls were cancelled).
 
-    `ids`: filled with the engine requests' ids (the predict request's is "req").
+    `ids`: filled with the engine requests' ids and sessions (the predict request's are
+    "req" and "chat-7").
     """
     cancelled = 0
 
@@ -34,7 +35,7 @@ async def _with_engine(
         nonlocal cancelled
         prompt = (await request.json())["prompt"]
         if ids is not None:
-            ids.append(request.headers["X-Request-Id"])
+            ids.append(request.headers["X-Request-Id"] + "@" + request.headers["X-Session-Id"])
         if prompt == "bad":
             return web.json_response({"error": {"message": "too long"}}, status=400)
         try:
@@ -54,7 +55,7 @@ async def _with_engine(
         async with engine_session(sock) as session:
             try:
                 deadline = Deadline.start(timeout)
-                outcome: object = await predict(session, instances, deadline, "req")
+                outcome: object = await predict(session, instances, deadline, Tags("req", "chat-7"))
             except ApiError as e:
                 outcome = e
         # The stand-in sees each disconnect shortly after; give it a bounded moment.
@@ -71,7 +72,8 @@ def test_answers_come_back_in_order(tmp_path: Path) -> None:
     ids: list[str] = []
     outcome, _ = asyncio.run(_with_engine(tmp_path, insts, 5, ids))
     assert outcome == ["FAST", "Prompt:\nfast\nOutput:\nFAST"]
-    assert sorted(ids) == ["req-0", "req-1"]  # each instance's own id, for the engines' logs
+    # Each instance's own id, for the engines' logs; the session, for nginx's routing.
+    assert sorted(ids) == ["req-0@chat-7", "req-1@chat-7"]
 
 
 def test_a_failed_instance_fails_the_request_and_cancels_the_others(tmp_path: Path) -> None:
