@@ -13,6 +13,7 @@ from engine.placement import (
     Placement,
     PlacementError,
     cpu_bind,
+    gpu_facts,
     parse_gpu_facts,
     plan,
     read_cpu_topology,
@@ -223,3 +224,31 @@ def test_default_binding_is_vllms_own_for_one_engine_per_node(
         (omp,), reserved = manager._get_autobind_cpu_ids(engine, pick)
         assert placement.cpus == tuple(c.id for c in omp)
         assert placement.reserved_cpus == tuple(c.id for c in reserved)
+
+
+def fake_nvidia_smi(bin_dir: Path, script: str) -> None:
+    bin_dir.mkdir()
+    tool = bin_dir / "nvidia-smi"
+    tool.write_text("#!/bin/sh\n" + script + "\n")
+    tool.chmod(0o755)
+
+
+def test_gpu_facts_asks_nvidia_smi_for_the_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_nvidia_smi(tmp_path / "bin", 'echo "$*" > "$0.args"; echo "NVIDIA H200, 143771"')
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert gpu_facts(3) == GpuFacts(143771 << 20, "NVIDIA H200")
+    args = (tmp_path / "bin/nvidia-smi.args").read_text().split()
+    assert args[:2] == ["-i", "3"] and "--query-gpu=name,memory.total" in args
+
+
+@pytest.mark.parametrize("script", ["exit 9", "exec /bin/sleep 5", "echo garbage"])
+def test_gpu_facts_are_none_when_nvidia_smi_cannot_say(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    assert gpu_facts(0) is None  # not installed
+    fake_nvidia_smi(tmp_path / "bin", script)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert gpu_facts(0, timeout_s=0.5) is None
