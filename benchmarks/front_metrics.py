@@ -31,7 +31,8 @@ PATH = "/v1/load_lora_adapter"  # closed: nginx's own 404
 def _nginx(run_dir: Path, counted: bool) -> tuple[subprocess.Popen, int]:
     port = free_port()
     argv = ["--host", "127.0.0.1", "--port", str(port), "--run-dir", str(run_dir)]
-    argv += ["--replicas", "1"]
+    # least_conn in both: prefix routing is Lua too, and only the counting is measured here.
+    argv += ["--replicas", "1", "--routing", "least-conn"]
     config = resolve(argv, {})
     modules = nginx_config.lua_modules() if counted else []
     with mock.patch.object(nginx_config, "lua_modules", return_value=modules):
@@ -54,7 +55,8 @@ def _nginx(run_dir: Path, counted: bool) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def _cpu(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its children (nginx: the master and its workers)."""
     family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     return sum(sum(p.cpu_times()[:2]) for p in family)
 
@@ -62,11 +64,11 @@ def _cpu(pid: int) -> float:
 def _round(proc: subprocess.Popen, port: int, requests: int) -> float:
     """nginx's CPU microseconds per request over `requests` kept-alive requests."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    before = _cpu(proc.pid)
+    before = cpu_seconds(proc.pid)
     for _ in range(requests):
         conn.request("GET", PATH)
         conn.getresponse().read()
-    after = _cpu(proc.pid)
+    after = cpu_seconds(proc.pid)
     conn.close()
     return (after - before) / requests * 1e6
 
