@@ -38,7 +38,7 @@ soak: $(VENV)/.installed-test
 	$(VENV)/bin/pytest -p no:cacheprovider -s --timeout 7200 soak
 
 bench: $(VENV)/.installed-test
-	$(VENV)/bin/python -m benchmarks.run
+	$(VENV)/bin/python -m benchmarks.run $(ARGS)
 
 # README's picture of the dashboard: its panels drawn from a real Prometheus scraping a
 # stack under load (the monitoring end-to-end test, which draws them anyway).

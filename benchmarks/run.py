@@ -1,4 +1,12 @@
-"""Front door (nginx) against direct vLLM, same engine, same run, rounds interleaved.
+"""make bench: vgate's same-run comparisons, each suite's table, one JSON record.
+
+Suites: download (parallel model download against one file at a time),
+front-metrics (what nginx's request counting costs), stream and predict (below),
+vs-vllm (benchmarks.serving: plain vLLM against vgate, vLLM's own benchmark
+client) and multiturn (benchmarks.multiturn: prefix-cache hit rate and TTFT by
+routing policy on 2 replicas).
+
+Front door (nginx) against direct vLLM, same engine, same run, rounds interleaved.
 
 One stack with one engine replica; for each concurrency level, rounds of
 streaming completions alternate between the engine's own port and the front
@@ -14,7 +22,9 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -23,11 +33,12 @@ from pathlib import Path
 
 import uvloop
 
-from benchmarks import download, front_metrics, loadgen, predict, procs
+from benchmarks import download, front_metrics, loadgen, multiturn, predict, procs, serving
 from benchmarks.stack import Stack, running_stack
 from benchmarks.stats import percentile, ratio
 
 PATHS = ("direct", "front")
+SUITES = ("download", "front-metrics", "stream", "predict", "vs-vllm", "multiturn")
 TABLE_ROLES = {
     "nginx": "nginx",
     "gateway": "gateway",
@@ -58,9 +69,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batches", type=int, default=6, help="predict: requests per round and way")
     ap.add_argument(
         "--suites",
-        default="download,front-metrics,stream,predict",
-        help="comma-separated: download, front-metrics, stream, predict",
+        default=",".join(SUITES),
+        help="comma-separated: " + ", ".join(SUITES),
     )
+    ap.add_argument(
+        "--vs-prompts", type=int, default=400, help="vs-vllm: prompts per round and server"
+    )
+    ap.add_argument("--vs-rounds", type=int, default=3, help="vs-vllm: rounds per server")
+    ap.add_argument(
+        "--best-args",
+        default=serving.DEFAULT_BEST_ARGS,
+        help="vs-vllm: vgate serve flags of 'vgate best'",
+    )
+    ap.add_argument(
+        "--conversations", type=int, default=multiturn.Shape().conversations, help="multiturn"
+    )
+    ap.add_argument("--turns", type=int, default=multiturn.Shape().turns, help="multiturn")
+    ap.add_argument("--multiturn-rounds", type=int, default=2, help="multiturn: rounds")
+    ap.add_argument("--session-header", action="store_true", help="multiturn: send X-Session-Id")
+    ap.add_argument("--png-dir", type=Path, default=Path("docs"), help="where the suites' plots go")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/latest.json"))
     ap.add_argument("--keep-run-dir", action="store_true", help="keep the stack's run dir and log")
     return ap.parse_args(argv)
@@ -206,30 +233,57 @@ def main(argv: list[str] | None = None) -> int:
         f"itself included, competes for them;\nread ratios and CPU per token, not absolute speed."
     )
     print(header, flush=True)
-    suites = set(args.suites.split(","))
+    suites = {x.strip() for x in args.suites.split(",") if x.strip()}
+    if unknown := suites - set(SUITES):
+        raise SystemExit(f"unknown suites: {', '.join(sorted(unknown))}")
+    # SIGTERM as Ctrl-C: every stack and server started is stopped on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    t0 = time.monotonic()
     download_results = download.bench() if "download" in suites else {}
     front_metrics_results = front_metrics.bench() if "front-metrics" in suites else {}
-    run_dir = Path(tempfile.mkdtemp(prefix="vgate-bench-"))
-    t0 = time.monotonic()
-    ok = False
-    try:
-        with running_stack(run_dir, args.max_model_len) as stack:
-            startup_s = time.monotonic() - t0
-            print(f"stack ready in {startup_s:.0f} s (run dir {run_dir})", flush=True)
-            processes = procs.describe(procs.snapshot(stack.proc.pid))
-            results = uvloop.run(bench(stack, args, levels)) if "stream" in suites else {}
-            ks = [int(x) for x in args.instances.split(",") if x.strip()]
-            predict_results = (
-                uvloop.run(predict.bench(stack, ks, args.batches, args.rounds, args.max_tokens))
-                if "predict" in suites
-                else {}
-            )
-        ok = True
-    finally:
-        if not ok or args.keep_run_dir:
-            print(f"stack log kept in {run_dir / 'stack.log'}", file=sys.stderr)
-        else:
-            shutil.rmtree(run_dir, ignore_errors=True)
+    results: dict = {}
+    predict_results: dict = {}
+    processes: list = []
+    startup_s = 0.0
+    if suites & {"stream", "predict"}:
+        run_dir = Path(tempfile.mkdtemp(prefix="vgate-bench-"))
+        t1 = time.monotonic()
+        ok = False
+        try:
+            with running_stack(run_dir, args.max_model_len) as stack:
+                startup_s = time.monotonic() - t1
+                print(f"stack ready in {startup_s:.0f} s (run dir {run_dir})", flush=True)
+                processes = procs.describe(procs.snapshot(stack.proc.pid))
+                if "stream" in suites:
+                    results = uvloop.run(bench(stack, args, levels))
+                ks = [int(x) for x in args.instances.split(",") if x.strip()]
+                if "predict" in suites:
+                    predict_results = uvloop.run(
+                        predict.bench(stack, ks, args.batches, args.rounds, args.max_tokens)
+                    )
+            ok = True
+        finally:
+            if not ok or args.keep_run_dir:
+                print(f"stack log kept in {run_dir / 'stack.log'}", file=sys.stderr)
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)
+    vs_vllm_results: dict = {}
+    if "vs-vllm" in suites:
+        print("vs-vllm: plain vLLM against vgate, vllm bench serve", flush=True)
+        work = serving.Workload(num_prompts=args.vs_prompts)
+        vs_vllm_results = serving.bench(work, args.vs_rounds, shlex.split(args.best_args))
+        serving.plot(vs_vllm_results, args.png_dir / "bench-vs-vllm.png")
+    multiturn_results: dict = {}
+    if "multiturn" in suites:
+        print("multiturn: prefix-cache hit rate and TTFT by routing, 2 replicas", flush=True)
+        shape = multiturn.Shape(conversations=args.conversations, turns=args.turns)
+        multiturn_results = multiturn.bench(
+            shape,
+            args.multiturn_rounds,
+            session_header=args.session_header,
+            machine=serving.machine,
+        )
+        multiturn.plot(multiturn_results, args.png_dir / "bench-multiturn.png")
     wall_s = time.monotonic() - t0
     if download_results:
         print()
@@ -243,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     if predict_results:
         print()
         print(predict.table(predict_results))
+    if vs_vllm_results:
+        print()
+        print(serving.table(vs_vllm_results))
+    if multiturn_results:
+        print()
+        print(multiturn.table(multiturn_results))
     print(f"\nwall time {wall_s:.0f} s (stack startup {startup_s:.0f} s)")
     record = {
         "header": header,
@@ -255,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         "predict_results": predict_results,
         "download_results": download_results,
         "front_metrics_results": front_metrics_results,
+        "vs_vllm_results": vs_vllm_results,
+        "multiturn_results": multiturn_results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))

@@ -209,7 +209,8 @@ def plot(results: dict, path: Path) -> None:
             ax.bar_label(bars, fmt="%.0f", fontsize=7)
         ax.set_xticks(range(len(keys)), labels)
         ax.set_title(title)
-    axes[0].legend(fontsize=8, loc="lower center")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     w = results["workload"]
     fig.suptitle(
         f"vllm bench serve, random {w['input_len']} in / {w['output_len']} out, "
@@ -217,7 +218,7 @@ def plot(results: dict, path: Path) -> None:
         f"median of {results['rounds']} interleaved round(s) ({results['machine']})",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
