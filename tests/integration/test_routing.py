@@ -177,7 +177,7 @@ def _turns(seed: str, count: int) -> list[list[str]]:
     history: list[str] = []
     out = []
     for turn in range(count):
-        history = [*history, f"{seed} question {turn}: " + f"{seed} words " * 80]
+        history = [*history, f"{seed} question {turn}: " + f"{seed} words " * 160]
         out.append(history)
         history = [*history, f"{seed} answer {turn}: " + f"{seed} reply " * 30]
     return out

@@ -3,6 +3,7 @@ nginx runs it, without nginx: block chains, matches, and the bounded choice."""
 
 from __future__ import annotations
 
+import math
 import zlib
 from pathlib import Path
 from typing import Any
@@ -165,9 +166,10 @@ def test_the_longest_prefix_wins_within_the_bound(policy) -> None:
 
 def test_a_prefix_under_the_threshold_does_not_draw(policy) -> None:
     m, _ = policy
-    blocks = 11  # 10 prompt blocks; a shared system prompt of 2 is under half
+    blocks = 11  # 10 prompt blocks; a shared system prompt of 2 is under the threshold
+    assert 2 < m.THRESHOLD * 10
     assert _choose(policy, [0, 1], {0: 1, 1: 0}, {0: 3, 1: 1}, blocks=blocks) == 1
-    held = 1 + int(m.THRESHOLD * 10)
+    held = 1 + math.ceil(m.THRESHOLD * 10)
     assert _choose(policy, [0, 1], {0: 1, 1: 0}, {0: held, 1: 1}, blocks=blocks) == 0
 
 

@@ -28,7 +28,7 @@ local M = {}
 M.BLOCK_CHARS = 256 -- about 64 tokens: finer than that buys nothing (vLLM caches whole blocks)
 M.MAX_BLOCKS = 128 -- the first 32 KiB of a prompt decide
 M.FACTOR = 1.25 -- the bounded-load factor (HAProxy's default balance factor)
-M.THRESHOLD = 0.5 -- the share of a prompt an engine must hold to draw it
+M.THRESHOLD = 0.25 -- the share of a prompt an engine must hold to draw it
 M.MAX_TRACKED = 31 -- replicas 0-30 have a bit in a block's mask; the rest route by load
 
 -- Routes whose requests fill an engine's prefix cache, and so are routed by prefix.
@@ -182,8 +182,8 @@ end
 -- An engine's claim on a request, from match(): whether it was sent the request's
 -- adapter (one it will not have to load), then how many prompt blocks it holds,
 -- counted only when they are at least THRESHOLD of the prompt's (SGLang's cache
--- threshold): a shared system prompt alone does not pull every new conversation to
--- one engine.
+-- threshold): a short shared system prompt alone does not pull every new conversation
+-- to the one engine that has served it so far.
 function M.claims(request, replica)
     local held = request.matched[replica] or 0
     local prefix = held - 1
