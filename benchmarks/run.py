@@ -33,12 +33,29 @@ from pathlib import Path
 
 import uvloop
 
-from benchmarks import download, front_metrics, loadgen, multiturn, predict, procs, serving
+from benchmarks import (
+    download,
+    front_metrics,
+    loadgen,
+    multiturn,
+    predict,
+    procs,
+    routing_cost,
+    serving,
+)
 from benchmarks.stack import Stack, running_stack
 from benchmarks.stats import percentile, ratio
 
 PATHS = ("direct", "front")
-SUITES = ("download", "front-metrics", "stream", "predict", "vs-vllm", "multiturn")
+SUITES = (
+    "download",
+    "front-metrics",
+    "routing-cost",
+    "stream",
+    "predict",
+    "vs-vllm",
+    "multiturn",
+)
 TABLE_ROLES = {
     "nginx": "nginx",
     "gateway": "gateway",
@@ -241,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     download_results = download.bench() if "download" in suites else {}
     front_metrics_results = front_metrics.bench() if "front-metrics" in suites else {}
+    routing_cost_results = routing_cost.bench() if "routing-cost" in suites else {}
     results: dict = {}
     predict_results: dict = {}
     processes: list = []
@@ -291,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     if front_metrics_results:
         print()
         print(front_metrics.table(front_metrics_results))
+    if routing_cost_results:
+        print()
+        print(routing_cost.table(routing_cost_results))
     if results:
         print()
         print(table(results))
@@ -315,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         "predict_results": predict_results,
         "download_results": download_results,
         "front_metrics_results": front_metrics_results,
+        "routing_cost_results": routing_cost_results,
         "vs_vllm_results": vs_vllm_results,
         "multiturn_results": multiturn_results,
     }

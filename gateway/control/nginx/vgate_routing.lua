@@ -109,7 +109,7 @@ function M.balance()
         candidates = others -- every engine failed lately: try one rather than none
     end
     if #candidates == 0 then
-        return ngx.exit(502)
+        return -- no peer set: nginx's own list, where every engine not ready is down (a 503)
     end
     local chain = failed == nil and ctx.vgate_chain or nil
     local matched, seen = {}, {}
@@ -145,7 +145,6 @@ function M.balance()
     if not ok then
         ngx.log(ngx.ERR, "vgate routing: ", err)
         release()
-        return ngx.exit(502)
     end
 end
 
