@@ -43,7 +43,9 @@ from tests.helpers import spawn, stop_tree
 
 REPO = Path(__file__).resolve().parent.parent
 # Measured on the development machine (2 cores): see README, Benchmark.
-DEFAULT_BEST_ARGS = "--replicas 2"
+# Measured on 2 cores (2026-12-01): --replicas 2 0.61x plain vLLM, --replicas 1 (every
+# core) below the default; no setting beat the default, so it is the best one shown.
+DEFAULT_BEST_ARGS = ""
 PLAIN = "plain vLLM"
 VGATE_DEFAULT = "vgate default"
 VGATE_BEST = "vgate best"
@@ -259,11 +261,10 @@ def server_starts(
         return lambda run_dir: running_stack(run_dir, max_model_len, vgate_model + args)
 
     plain_label = " ".join(f"{k}={v}" for k, v in plain_env.items()) or "(vLLM defaults)"
-    return {
-        PLAIN: (plain_label, plain),
-        VGATE_DEFAULT: ("(vgate defaults)", vgate([])),
-        VGATE_BEST: (" ".join(best_args) or "(vgate defaults)", vgate(best_args)),
-    }
+    servers = {PLAIN: (plain_label, plain), VGATE_DEFAULT: ("(vgate defaults)", vgate([]))}
+    if best_args:  # none: the default is the best setting known for this machine
+        servers[VGATE_BEST] = (" ".join(best_args), vgate(best_args))
+    return servers
 
 
 def bench(

@@ -30,6 +30,7 @@ from engine.failures import Failure, classify
 from engine.fetch_model import MODEL_READY
 from engine.files import write_atomic
 from engine.logs import LineWrapper, configure, log_format, readable, vllm_logging_config
+from engine.placement import ENGINE_CPUS_ENV, pin
 from engine.ray_cluster import wait_for_cluster
 from engine.workers import load_workers
 
@@ -128,6 +129,8 @@ def main(argv: list[str]) -> None:
     # gateway and the monitor without them.
     for name in ("VLLM_API_KEY", "VGATE_API_KEY", "VGATE_API_KEYS", SUPERVISOR_TOKEN_ENV):
         env.pop(name, None)
+    # Every core back, from vgate's own (the engine's threads bind themselves).
+    pin(env.pop(ENGINE_CPUS_ENV, None))
     wait_for_model(run_dir)
     if worker.cluster_gpus:
         wait_for_cluster(worker.cluster_gpus)

@@ -23,6 +23,13 @@ SYSFS = Path("/sys")
 RESERVED_CPUS_PER_ENGINE = 1
 
 
+# Where vgate's own processes run (nginx, the gateway, the monitor, supervisord): the
+# cores the CPU default keeps free of the engines' compute threads. The engines' launcher
+# takes back every core (ENGINE_CPUS_ENV) before it starts vLLM, as plain vLLM runs.
+FRONT_CPUS_ENV = "VGATE_FRONT_CPUS"
+ENGINE_CPUS_ENV = "VGATE_ENGINE_CPUS"
+
+
 class PlacementError(ValueError):
     """A configuration that cannot be placed on this machine."""
 
@@ -313,3 +320,18 @@ def _ranges(cpus: tuple[int, ...]) -> str:
 def cpu_bind(p: Placement) -> str:
     """The VLLM_CPU_OMP_THREADS_BIND value for a CPU placement."""
     return _ranges(p.cpus)
+
+
+def front_cpus(placements: list[Placement]) -> tuple[int, ...]:
+    """The cores kept free of every engine's compute threads (none: no pinning)."""
+    return tuple(sorted({c for p in placements for c in p.reserved_cpus}))
+
+
+def cpu_list(cpus: tuple[int, ...] | list[int]) -> str:
+    return ",".join(map(str, cpus))
+
+
+def pin(value: str | None) -> None:
+    """This process (and what it starts) onto the cores `value` lists, if any."""
+    if value:
+        os.sched_setaffinity(0, {int(c) for c in value.split(",")})

@@ -130,10 +130,11 @@ def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Pat
     if config.enable_admin_routes and not config.api_keys:
         raise ConfigError("--enable-admin-routes needs --api-key: admin routes are never open")
     config = read_engine_flags(config)
+    usable = placement.usable_cpus()
     placements = placement.plan(
         config.device,
         placement.visible_gpus() if config.device != "cpu" else [],
-        placement.usable_cpus(),
+        usable,
         config.engine.gpus_per_replica,
         config.replicas,
         ray=config.engine.spans_hosts,
@@ -182,6 +183,10 @@ def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Pat
     }
     if config.log_format == "json":
         config = dataclasses.replace(config, log_project=find_project(config.log_project))
+    # vgate's own processes on the cores the engines' threads keep free; the engines get
+    # every core back (their API servers float, as plain vLLM's does).
+    front = () if environ.get(OMP_BIND_ENV) else placement.front_cpus(placements)
+    engine_cpus = {placement.ENGINE_CPUS_ENV: placement.cpu_list(usable)} if front else {}
     workers = build_workers(
         placements,
         free_loopback_ports(len(placements)),
@@ -201,6 +206,7 @@ def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Pat
             ),
             **config.engine_env,
             **limits,
+            **engine_cpus,
         },
     )
     save_workers(workers, run_dir / "engines.json")
@@ -233,12 +239,13 @@ def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Pat
         "PYTHONUNBUFFERED": "1",
     }
     devices = ", ".join(w.device for w in workers)
-    reserved = sorted({c for p in placements for c in p.reserved_cpus})
-    if reserved and not environ.get(OMP_BIND_ENV):
+    if front:
+        env[placement.FRONT_CPUS_ENV] = placement.cpu_list(front)
         log.info(
             "CPU engines' threads kept off core(s) %s, for their API servers and schedulers, "
-            "nginx and the gateway, as vLLM's own binding does (%s overrides)",
-            ",".join(map(str, reserved)),
+            "and nginx, the gateway and the monitor kept on them, as vLLM's own binding "
+            "does (%s overrides)",
+            placement.cpu_list(front),
             OMP_BIND_ENV,
         )
     log.info(
@@ -283,6 +290,7 @@ def supervise(run_dir: Path, env: dict[str, str], grace_s: float, log_fd: int = 
     reach only this process, or supervisord would stop nginx before the drain.
     """
     raise_open_files()  # every process inherits it
+    placement.pin(env.get(placement.FRONT_CPUS_ENV))  # and its cores
     conf = str(SUPERVISORD_CONF)
     argv = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", conf]
     if os.geteuid() == 0:  # said, so supervisord does not log a CRIT line about it

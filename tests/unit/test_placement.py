@@ -13,8 +13,10 @@ from engine.placement import (
     Placement,
     PlacementError,
     cpu_bind,
+    front_cpus,
     gpu_facts,
     parse_gpu_facts,
+    pin,
     plan,
     read_cpu_topology,
 )
@@ -101,6 +103,28 @@ def test_default_is_one_replica_per_node_one_thread_per_core_last_core_reserved(
         (1, (6,), (7,)),
     ]
     assert [cpu_bind(p) for p in placements] == ["4", "6"]
+
+
+def test_vgates_own_processes_go_to_the_cores_every_engine_keeps_free() -> None:
+    topology = CpuTopology(
+        (CpuNode(0, ((0, 4), (1, 5))), CpuNode(1, ((2, 6), (3, 7)))), arch="x86_64"
+    )
+    assert front_cpus(plan("cpu", [], list(range(8)), topology=topology)) == (5, 7)
+    # Slices of every core (--replicas, or a node of one core): nothing kept free, no pinning.
+    assert front_cpus(plan("cpu", [], list(range(8)), replicas=2, topology=topology)) == ()
+
+
+def test_pin_moves_this_process_and_nothing_is_a_no_op() -> None:
+    before = os.sched_getaffinity(0)
+    try:
+        pin(None)
+        pin("")
+        assert os.sched_getaffinity(0) == before
+        one = min(before)
+        pin(str(one))
+        assert os.sched_getaffinity(0) == {one}
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def test_default_on_arm_binds_every_logical_cpu() -> None:

@@ -167,7 +167,7 @@ def test_the_longest_prefix_wins_within_the_bound(policy) -> None:
 def test_a_prefix_under_the_threshold_does_not_draw(policy) -> None:
     m, _ = policy
     blocks = 11  # 10 prompt blocks; a shared system prompt of 2 is under the threshold
-    assert 2 < m.THRESHOLD * 10
+    assert m.THRESHOLD * 10 > 2
     assert _choose(policy, [0, 1], {0: 1, 1: 0}, {0: 3, 1: 1}, blocks=blocks) == 1
     held = 1 + math.ceil(m.THRESHOLD * 10)
     assert _choose(policy, [0, 1], {0: 1, 1: 0}, {0: held, 1: 1}, blocks=blocks) == 0
