@@ -50,6 +50,9 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path,
             "2",
             "--log-project",
             "my-project",
+            # Two engines (the CPU default is one per NUMA node).
+            "--replicas",
+            "2",
         ],
         {},
     )
