@@ -45,6 +45,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from benchmarks.plots import Panel, grouped_bars
 from benchmarks.stack import ServerStart, Stack, running_stack, servers_for_rounds
 from benchmarks.stats import percentile, ratio
 from engine.demo_model import _CORPUS
@@ -416,49 +417,27 @@ def table(results: dict) -> str:
 
 def plot(results: dict, path: Path) -> None:
     """Hit rate, TTFT p50/p99 (shared prefix) and tokens/s (no shared prefix) per config."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {ONE: "#9e9e9e", LEAST_CONN: "#1f77b4", PREFIX: "#2ca02c"}
     shared = results["results"].get("shared", {})
     unshared = results["results"].get("unshared", {})
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-    panels = [
-        (axes[0], shared, [("hit_rate", "")], "prefix-cache hit rate (%)", 100),
-        (axes[1], shared, [("ttft_p50_ms", "p50"), ("ttft_p99_ms", "p99")], "TTFT (ms)", 1),
-        (
-            axes[2],
-            unshared,
-            [("output_tokens_per_s", "")],
-            "no shared prefix: output tokens/s",
-            1,
-        ),
-    ]
-    for ax, data, keys, title, scale in panels:
-        names = list(data)
-        width = 0.8 / max(len(names), 1)
-        for i, name in enumerate(names):
-            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(keys))]
-            vals = [(data[name][k] or 0) * scale for k, _ in keys]
-            bars = ax.bar(xs, vals, width, color=colors.get(name), label=name)
-            ax.bar_label(bars, fmt="%.0f", fontsize=7)
-        ax.set_xticks(range(len(keys)), [label for _, label in keys])
-        ax.set_title(title, fontsize=10)
-    handles, labels = axes[1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+
+    def panel(title: str, data: dict, keys: list[tuple[str, str]], scale: float = 1) -> Panel:
+        bars = {n: [(data[n][k] or 0) * scale for k, _ in keys] for n in data}
+        return Panel(title, bars, [group for _, group in keys])
+
     s = results["shape"]
-    fig.suptitle(
+    grouped_bars(
+        [
+            panel("prefix-cache hit rate (%)", shared, [("hit_rate", "")], 100),
+            panel("TTFT (ms)", shared, [("ttft_p50_ms", "p50"), ("ttft_p99_ms", "p99")]),
+            panel("no shared prefix: output tokens/s", unshared, [("output_tokens_per_s", "")]),
+        ],
+        {ONE: "#9e9e9e", LEAST_CONN: "#1f77b4", PREFIX: "#2ca02c"},
         f"{s['conversations']} conversations x {s['turns']} turns, {s['concurrency']} in flight, "
         f"{s['reply_tokens']}-token replies; {results['rounds']} interleaved round(s); "
         f"{results['machine']}",
-        fontsize=9,
+        path,
+        legend_from=1,
     )
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def routing_flag_exists() -> bool:

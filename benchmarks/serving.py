@@ -34,6 +34,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks.plots import Panel, grouped_bars
 from benchmarks.stack import ServerStart, Stack, running_stack, running_vllm, servers_for_rounds
 from benchmarks.stats import percentile, ratio
 from engine.demo_model import ensure_demo_model
@@ -185,45 +186,31 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Bars: output tokens/s, TTFT p50/p99, ITL p50/p99 per server (Agg, PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Bars: output tokens/s, TTFT p50/p99, ITL p50/p99 per server (PNG)."""
     pooled = results["pooled"]
-    names = list(pooled)
-    colors = ["#9e9e9e", "#1f77b4", "#2ca02c", "#ff7f0e"][: len(names)]
-    panels = [
-        ("output tokens/s", ["output_tokens_per_s"], ["tokens/s"]),
-        ("TTFT (ms)", ["ttft_p50_ms", "ttft_p99_ms"], ["p50", "p99"]),
-        ("ITL (ms)", ["itl_p50_ms", "itl_p99_ms"], ["p50", "p99"]),
-    ]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-    width = 0.8 / len(names)
-    for ax, (title, keys, labels) in zip(axes, panels, strict=True):
-        for i, name in enumerate(names):
-            vals = [pooled[name][k] or 0 for k in keys]
-            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(keys))]
-            args = results["servers"].get(name, "")
-            label = f"{name} ({args})" if name == VGATE_BEST else name
-            bars = ax.bar(xs, vals, width, color=colors[i], label=label)
-            ax.bar_label(bars, fmt="%.0f", fontsize=7)
-        ax.set_xticks(range(len(keys)), labels)
-        ax.set_title(title)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+
+    def label(name: str) -> str:
+        args = results["servers"].get(name, "")
+        return f"{name} ({args})" if name == VGATE_BEST else name
+
+    def panel(title: str, keys: list[str], groups: list[str]) -> Panel:
+        bars = {label(n): [pooled[n][k] or 0 for k in keys] for n in pooled}
+        return Panel(title, bars, groups)
+
+    palette = ["#9e9e9e", "#1f77b4", "#2ca02c", "#ff7f0e"]
     w = results["workload"]
-    fig.suptitle(
+    grouped_bars(
+        [
+            panel("output tokens/s", ["output_tokens_per_s"], ["tokens/s"]),
+            panel("TTFT (ms)", ["ttft_p50_ms", "ttft_p99_ms"], ["p50", "p99"]),
+            panel("ITL (ms)", ["itl_p50_ms", "itl_p99_ms"], ["p50", "p99"]),
+        ],
+        {label(n): c for n, c in zip(pooled, palette, strict=False)},
         f"vllm bench serve, random {w['input_len']} in / {w['output_len']} out, "
         f"{w['num_prompts']} prompts, concurrency {w['concurrency']}; "
         f"median of {results['rounds']} interleaved round(s) ({results['machine']})",
-        fontsize=9,
+        path,
     )
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run_client(argv: list[str], log: Path, deadline_s: float) -> None:
