@@ -10,7 +10,8 @@
 --   status()   the internal listener's /vgate/routing: what is in flight where.
 --
 -- Shared memory: vgate_prefixes (block hash -> mask of engines sent it; least recently
--- used evicted when full), vgate_routing (in-flight counts, recent failures, sessions).
+-- used evicted when full), vgate_routing (in-flight counts, recent failures), and
+-- vgate_sessions (X-Session-Id -> engine, an hour, least recently used evicted).
 -- The engine a request counts on lives in $vgate_engine: ngx.ctx does not survive the
 -- error_page redirects a failed request takes, variables do.
 
@@ -24,6 +25,7 @@ local M = {}
 
 local prefixes = ngx.shared.vgate_prefixes
 local state = ngx.shared.vgate_routing
+local sessions = ngx.shared.vgate_sessions -- apart: clients' ids never evict the counts
 local MAX_BODY = 1048576 -- larger bodies route by load: decoding them would hold the worker
 local FAIL_S = 5
 local SESSION_S = 3600
@@ -117,7 +119,7 @@ function M.balance()
         matched, seen = policy.match(chain, held, candidates)
     end
     local session = ctx.vgate_session
-    local pinned = session and state:get("session:" .. session)
+    local pinned = session and sessions:get(session)
     local loads = {}
     for _, r in ipairs(candidates) do
         loads[r] = state:get("load:" .. r) or 0
@@ -136,7 +138,7 @@ function M.balance()
     end
     if session ~= nil and failed == nil then
         local keep = pinned ~= nil and loads[pinned] ~= nil
-        state:set("session:" .. session, keep and pinned or replica, SESSION_S)
+        sessions:set(session, keep and pinned or replica, SESSION_S)
     end
     state:incr("load:" .. replica, 1, 0)
     ngx.var.vgate_engine = replica
