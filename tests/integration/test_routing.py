@@ -222,7 +222,7 @@ def test_a_loaded_engine_is_passed_over(stack) -> None:
         thread.start()
     try:
         # Both held requests share the conversation's prefix: both on its engine (2 in
-        # flight, the other idle, is within the bound ceil(1.25 x 3 / 2) = 2).
+        # flight, the other idle, is within the bound ceil(1.1 x 3 / 2) = 2).
         wait_for(lambda: _in_flight(run_dir)[str(home)] == 2, 10, "two requests held")
         assert _in_flight(run_dir)[str(1 - home)] == 0
         assert _send(base, _chat(turns[2])) == 1 - home  # a third would pass the bound

@@ -27,7 +27,7 @@ local M = {}
 
 M.BLOCK_CHARS = 256 -- about 64 tokens: finer than that buys nothing (vLLM caches whole blocks)
 M.MAX_BLOCKS = 128 -- the first 32 KiB of a prompt decide
-M.FACTOR = 1.25 -- the bounded-load factor (HAProxy's default balance factor)
+M.FACTOR = 1.1 -- bounded-load factor: HAProxy's default 1.25 cost TTFT here (README)
 M.THRESHOLD = 0.25 -- the share of a prompt an engine must hold to draw it
 M.MAX_TRACKED = 31 -- replicas 0-30 have a bit in a block's mask; the rest route by load
 
