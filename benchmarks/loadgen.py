@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -59,6 +60,18 @@ def completion_body(i: int, max_tokens: int) -> bytes:
     )
 
 
+async def sse_chunks(content: aiohttp.StreamReader) -> AsyncIterator[dict | None]:
+    """The JSON chunks of an OpenAI event stream, then None for its [DONE]."""
+    async for line in content:
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:].strip()
+        if data == b"[DONE]":
+            yield None
+            return
+        yield orjson.loads(data)
+
+
 async def one_request(session: aiohttp.ClientSession, url: str, body: bytes) -> RequestResult:
     start = time.perf_counter()
     ttft: float | None = None
@@ -70,14 +83,10 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: bytes) -> 
         ) as resp:
             if resp.status != 200:
                 return RequestResult(False, None, 0, 0, f"HTTP {resp.status}")
-            async for line in resp.content:
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:].strip()
-                if data == b"[DONE]":
+            async for chunk in sse_chunks(resp.content):
+                if chunk is None:
                     done = True
                     break
-                chunk = orjson.loads(data)
                 choices = chunk.get("choices")
                 if choices and choices[0].get("text"):
                     events += 1

@@ -34,7 +34,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from benchmarks.loadgen import sse_chunks
 from benchmarks.plots import Panel, grouped_bars
 from benchmarks.stack import ServerStart, Stack, running_stack, servers_for_rounds
 from benchmarks.stats import percentile, ratio
@@ -198,14 +198,10 @@ async def chat_turn(
             if resp.status != 200:
                 text = (await resp.text())[:200]
                 return Turn(False, error=f"HTTP {resp.status}: {text}"), ""
-            async for line in resp.content:
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:].strip()
-                if data == b"[DONE]":
+            async for chunk in sse_chunks(resp.content):
+                if chunk is None:
                     done = True
                     break
-                chunk = orjson.loads(data)
                 for choice in chunk.get("choices") or []:
                     if content := (choice.get("delta") or {}).get("content"):
                         parts.append(content)
@@ -410,8 +406,6 @@ def table(results: dict) -> str:
             "goals: "
             + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in c["goals"].items())
         )
-    if results.get("skipped"):
-        lines.append(f"not run: {results['skipped']}")
     return "\n".join(lines)
 
 
@@ -440,33 +434,17 @@ def plot(results: dict, path: Path) -> None:
     )
 
 
-def routing_flag_exists() -> bool:
-    """Whether this vgate's `serve` has --routing (prefix-aware routing)."""
-    vgate = Path(sys.executable).parent / "vgate"
-    try:
-        out = subprocess.run(
-            [str(vgate), "serve", "--help"], capture_output=True, text=True, timeout=120
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return "--routing" in out
-
-
-def configurations(
-    max_model_len: int, extra: list[str], routing: bool
-) -> tuple[dict[str, ServerStart], str]:
-    """name -> how to start it; and what was left out (no --routing in this vgate)."""
+def configurations(max_model_len: int, extra: list[str]) -> dict[str, ServerStart]:
+    """name -> how to start it: one engine (the ideal hit rate), then 2 by each routing."""
 
     def vgate(args: list[str]) -> ServerStart:
         return lambda run_dir: running_stack(run_dir, max_model_len, args + extra)
 
-    starts = {ONE: vgate(["--replicas", "1"])}
-    if routing:
-        starts[LEAST_CONN] = vgate(["--replicas", "2", "--routing", "least-conn"])
-        starts[PREFIX] = vgate(["--replicas", "2", "--routing", "prefix"])
-        return starts, ""
-    starts[LEAST_CONN] = vgate(["--replicas", "2"])
-    return starts, "prefix (this vgate serve has no --routing)"
+    return {
+        ONE: vgate(["--replicas", "1"]),
+        LEAST_CONN: vgate(["--replicas", "2", "--routing", "least-conn"]),
+        PREFIX: vgate(["--replicas", "2", "--routing", "prefix"]),
+    }
 
 
 def bench(
@@ -480,10 +458,7 @@ def bench(
     unshared: bool = True,
     machine: Callable[[], str] | None = None,
 ) -> dict:
-    routing = routing_flag_exists()
-    starts, skipped = configurations(max_model_len, extra_args or [], routing)
-    if skipped:
-        print(f"  multiturn: {skipped}", flush=True)
+    starts = configurations(max_model_len, extra_args or [])
     root = Path(tempfile.mkdtemp(prefix="vgate-bench-multiturn-"))
     raw: dict[str, dict[str, list[dict]]] = {"shared": {}, "unshared": {}}
     ok = False
@@ -515,8 +490,6 @@ def bench(
         "rounds": rounds,
         "seed": seed,
         "session_header": session_header,
-        "routing_flag": routing,
-        "skipped": skipped,
         "machine": machine() if machine else "",
         "results": results,
         "compare": compare(results),

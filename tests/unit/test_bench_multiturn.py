@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from benchmarks import multiturn as mt
@@ -175,17 +176,32 @@ def test_table_and_plot(tmp_path: Path):
         "shape": SHAPE.__dict__,
         "rounds": 1,
         "machine": "test",
-        "skipped": "prefix",
     }
     text = mt.table(results)
-    assert "least_conn" in text and "25.0%" in text and "not run: prefix" in text
+    assert "least_conn" in text and "25.0%" in text
     png = tmp_path / "m.png"
     mt.plot(results, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_configurations_with_and_without_the_routing_flag():
-    starts, skipped = mt.configurations(2048, [], routing=True)
-    assert list(starts) == [ONE, LEAST_CONN, PREFIX] and skipped == ""
-    starts, skipped = mt.configurations(2048, [], routing=False)
-    assert list(starts) == [ONE, LEAST_CONN] and "prefix" in skipped
+def test_configurations_are_one_engine_and_two_by_each_routing():
+    starts = mt.configurations(2048, [])
+    assert list(starts) == [ONE, LEAST_CONN, PREFIX]
+
+
+def test_an_event_stream_reads_as_its_chunks_then_none_at_done():
+    from unittest import mock
+
+    import aiohttp
+
+    from benchmarks.loadgen import sse_chunks
+
+    async def read() -> list:
+        reader = aiohttp.StreamReader(
+            mock.Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop()
+        )
+        reader.feed_data(b'data: {"a":1}\n\n: comment\ndata: {"b":2}\n\ndata: [DONE]\n\nx\n')
+        reader.feed_eof()
+        return [chunk async for chunk in sse_chunks(reader)]
+
+    assert asyncio.run(read()) == [{"a": 1}, {"b": 2}, None]
