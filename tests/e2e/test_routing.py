@@ -99,7 +99,9 @@ def _in_flight(stack: Stack) -> dict[str, int]:
     async def ask() -> Any:
         connector = aiohttp.UnixConnector(path=str(stack.run_dir / "engines.sock"))
         async with (
-            aiohttp.ClientSession(connector=connector) as session,
+            aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=10)
+            ) as session,
             session.get("http://internal/vgate/routing") as resp,
         ):
             assert resp.status == 200
