@@ -210,7 +210,10 @@ def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Pat
         },
     )
     save_workers(workers, run_dir / "engines.json")
-    config = dataclasses.replace(config, routing=routing(config.routing, lua_modules()))
+    chosen = routing(config.routing, lua_modules())
+    if chosen != config.routing and chosen == "least-conn":
+        log.warning("routing by load alone (least-conn): nginx lacks its Lua module or lua-cjson")
+    config = dataclasses.replace(config, routing=chosen)
     config.save(run_dir / "config.json")
     served = config.engine.served_model_name or [served_name or model]
     write_routing(run_dir, config.routing, [*served, *config.engine.lora_modules])
