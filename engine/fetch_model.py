@@ -39,8 +39,7 @@ def main() -> int:
     configure("download")
     run_dir = Path(os.environ["VGATE_RUN_DIR"])
     job_file = run_dir / JOB_FILE
-    if job_file.exists():
-        job = json.loads(job_file.read_text())
+    for job in json.loads(job_file.read_text()) if job_file.exists() else []:
         uri = job["uri"]
 
         def report(progress: Progress) -> None:

@@ -1,6 +1,6 @@
 """Entry point of supervisord's engine program: run engine replica N, and leave nothing behind.
 
-supervisord starts `python -m engine.launch N` (N is its process_num) in a
+supervisord starts `python -m engine.launch N` (program engine-N) in a
 process group of its own. This looks up replica N in the plan `vgate serve`
 wrote and runs vLLM in that group. vLLM spawns an engine core and workers that
 outlive a server killed with SIGKILL (an OOM kill, say) and would hold the
@@ -32,7 +32,7 @@ from engine.files import write_atomic
 from engine.logs import LineWrapper, configure, log_format, readable, vllm_logging_config
 from engine.placement import ENGINE_CPUS_ENV, pin
 from engine.ray_cluster import wait_for_cluster
-from engine.workers import load_workers
+from engine.workers import find_worker, load_workers
 
 log = logging.getLogger("vgate.engine")
 
@@ -119,7 +119,7 @@ def log_output() -> IO[bytes]:
 def main(argv: list[str]) -> None:
     replica = int(argv[1])
     run_dir = Path(os.environ["VGATE_RUN_DIR"])
-    worker = load_workers(run_dir / "engines.json")[replica]
+    worker = find_worker(load_workers(run_dir / "engines.json"), replica)
     configure(f"engine-{replica}")
     env = {**os.environ, **worker.env}
     env.update(logging_config(run_dir, replica, env))

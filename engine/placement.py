@@ -44,6 +44,9 @@ class Placement:
     cpus: tuple[int, ...] = ()  # CPU: the cores its OpenMP threads are bound to
     cluster_gpus: int = 0  # multi-host: GPUs the replica takes across the Ray cluster
     reserved_cpus: tuple[int, ...] = ()  # CPU default: its node's cores kept free of them
+    # Several models: on a GPU, the share of each of its GPUs' memory it may take (vLLM's
+    # --gpu-memory-utilization); on the CPU, its share of the container's KV cache space.
+    memory: float | None = None
 
     @property
     def label(self) -> str:
@@ -335,3 +338,113 @@ def pin(value: str | None) -> None:
     """This process (and what it starts) onto the cores `value` lists, if any."""
     if value:
         os.sched_setaffinity(0, {int(c) for c in value.split(",")})
+
+
+# vLLM's default --gpu-memory-utilization: what several models split when no
+# --gpu-memory-partition is given.
+DEFAULT_MEMORY_SHARE = 0.9
+_FIT = 1e-9  # shares are decimal fractions: 0.45 + 0.45 + 0.1 must fit in 1
+
+
+@dataclass(frozen=True)
+class ModelDemand:
+    """What one of several models asks of the machine (Google's co-host flags)."""
+
+    name: str
+    group: int = 1  # GPUs per replica: tensor x pipeline parallel size
+    replicas: int | None = None  # None: one
+    share: float | None = None  # of the whole machine's GPU memory; None: an even split
+
+
+def plan_models(
+    device: str,
+    gpus: list[int],
+    cpus: list[int],
+    demands: list[ModelDemand],
+    taken: Iterable[Placement] = (),
+) -> list[list[Placement]]:
+    """Each model's replicas, for several models; replica numbers are left to the caller.
+
+    GPUs, as Google's co-host server shares them: a model's share of the machine's GPU
+    memory is spread over its replicas' GPUs, each engine's --gpu-memory-utilization, and
+    engines of different models share a GPU while their fractions fit in it. Groups of a
+    replica's GPUs are consecutive and aligned, first fit, after what `taken` (engines
+    already running) holds. CPU: the cores, and the KV cache space, split by the same
+    shares (each engine at least one core; fewer cores than engines are shared).
+    """
+    if device == "auto":
+        device = "cuda" if gpus else "cpu"
+    default = DEFAULT_MEMORY_SHARE / len(demands)
+    shares = [d.share if d.share is not None else default for d in demands]
+    if device == "cuda":
+        if not gpus:
+            raise PlacementError("--device cuda, but no GPU is visible")
+        free = {g: 1.0 for g in gpus}
+        for p in taken:
+            for g in p.gpus:
+                if g in free:
+                    free[g] -= p.memory or 0.0
+        return [_place_model_gpus(d, s, gpus, free) for d, s in zip(demands, shares, strict=True)]
+    for d in demands:
+        _check_cpus(cpus, d.group)
+    engines = [
+        (m, share / (d.replicas or 1))
+        for m, (d, share) in enumerate(zip(demands, shares, strict=True))
+        for _ in range(d.replicas or 1)
+    ]
+    total = sum(weight for _, weight in engines)
+    slices = _weighted_slices(cpus, [weight / total for _, weight in engines])
+    out: list[list[Placement]] = [[] for _ in demands]
+    for (m, weight), cores in zip(engines, slices, strict=True):
+        out[m].append(Placement(0, "cpu", cpus=cores, memory=round(weight / total, 4)))
+    return out
+
+
+def _place_model_gpus(
+    demand: ModelDemand, share: float, gpus: list[int], free: dict[int, float]
+) -> list[Placement]:
+    group, replicas = demand.group, demand.replicas or 1
+    fraction = share * len(gpus) / (replicas * group)
+    what = f"model {demand.name}: a {share:g} share of {len(gpus)} GPUs' memory over "
+    what += f"{replicas} replica(s) of {group} GPU(s)"
+    if fraction > 1 + _FIT:
+        raise PlacementError(
+            f"{what} is {fraction:.2f} of each GPU: raise its --model-replicas or lower its "
+            "--gpu-memory-partition"
+        )
+    placed = []
+    for _ in range(replicas):
+        starts = range(0, len(gpus) - group + 1, group)
+        fits = [
+            gpus[k : k + group]
+            for k in starts
+            if all(free[g] + _FIT >= fraction for g in gpus[k : k + group])
+        ]
+        if not fits:
+            left = ", ".join(f"{g}:{max(free[g], 0):.2f}" for g in gpus)
+            raise PlacementError(
+                f"{what} needs {fraction:.2f} of each GPU's memory, and no group of {group} "
+                f"has it free (free, by GPU: {left}): the models' partitions do not fit"
+            )
+        for g in fits[0]:
+            free[g] -= fraction
+        placed.append(Placement(0, "cuda", gpus=tuple(fits[0]), memory=round(fraction, 4)))
+    return placed
+
+
+def _weighted_slices(cpus: list[int], weights: list[float]) -> list[tuple[int, ...]]:
+    """Contiguous slices of `cpus` sized by `weights` (largest remainder, one core at
+    least each); with fewer cores than slices, each slice one core, shared in turn."""
+    if len(cpus) < len(weights):
+        return [(cpus[i % len(cpus)],) for i in range(len(weights))]
+    spare = len(cpus) - len(weights)
+    exact = [w * spare for w in weights]
+    sizes = [1 + int(e) for e in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: int(exact[i]) - exact[i])
+    for i in by_remainder[: len(cpus) - sum(sizes)]:
+        sizes[i] += 1
+    slices, start = [], 0
+    for size in sizes:
+        slices.append(tuple(cpus[start : start + size]))
+        start += size
+    return slices

@@ -43,6 +43,8 @@ class EngineWorker:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     cluster_gpus: int = 0  # multi-host: wait for the Ray cluster to hold this many
+    model: str = ""  # the name of the model it serves (engine.model_set.ServedModel.name)
+    draining: bool = False  # its model was removed: out of routing, stopped when idle
 
     @property
     def url(self) -> str:
@@ -98,16 +100,35 @@ def engine_env(placement: Placement, environ: dict[str, str]) -> dict[str, str]:
     """Per-replica environment: the replica's GPUs, or its CPU cores and a bounded KV cache.
 
     The operator's own VLLM_CPU_OMP_THREADS_BIND (`auto`, `nobind`, a core list) wins
-    over the placement's cores, for every replica.
+    over the placement's cores, for every replica. A CPU engine's share of the KV
+    cache space (several models) is its --kv-cache-memory-bytes, which vLLM's legacy
+    VLLM_CPU_KVCACHE_SPACE would override: that is emptied (vLLM then ignores it).
     """
     defaults = {name: environ.get(name, value) for name, value in ENGINE_ENV_DEFAULTS.items()}
     if placement.device == "cuda":
         return defaults | {"CUDA_VISIBLE_DEVICES": ",".join(map(str, placement.gpus))}
+    kv = environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
     return defaults | {
         "CUDA_VISIBLE_DEVICES": "",
         OMP_BIND_ENV: environ.get(OMP_BIND_ENV) or cpu_bind(placement),
-        "VLLM_CPU_KVCACHE_SPACE": environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB),
+        "VLLM_CPU_KVCACHE_SPACE": "" if placement.memory is not None else kv,
     }
+
+
+def cpu_kv_budget(environ: dict[str, str], engines: int) -> int:
+    """Bytes of KV cache the container's CPU engines split by their models' shares:
+    VLLM_CPU_KVCACHE_SPACE (GiB, vLLM's per-engine setting) or vgate's default, each."""
+    per_engine = environ.get("VLLM_CPU_KVCACHE_SPACE") or DEFAULT_CPU_KVCACHE_GIB
+    return int(float(per_engine) * 2**30) * engines
+
+
+def memory_flags(placement: Placement, kv_budget: int) -> list[str]:
+    """A share of memory as vLLM's own flags: last in the line, so the partition wins."""
+    if placement.memory is None:
+        return []
+    if placement.device == "cuda":
+        return [f"--gpu-memory-utilization={placement.memory:g}"]
+    return [f"--kv-cache-memory-bytes={int(placement.memory * kv_budget)}"]
 
 
 def device_label(placement: Placement, environ: dict[str, str]) -> str:
@@ -126,15 +147,20 @@ def build_workers(
     passthrough: list[str],
     environ: dict[str, str],
     extra_env: dict[str, str] | None = None,
+    name: str = "",
+    kv_budget: int = 0,
 ) -> list[EngineWorker]:
+    """`name`: the model's (several models); `kv_budget`: see cpu_kv_budget."""
     return [
         EngineWorker(
             replica=p.replica,
             port=port,
             device=device_label(p, environ),
-            argv=engine_argv(python, model, port, served_model_name, passthrough),
+            argv=engine_argv(python, model, port, served_model_name, passthrough)
+            + memory_flags(p, kv_budget),
             env={**engine_env(p, environ), **(extra_env or {})},
             cluster_gpus=p.cluster_gpus,
+            model=name,
         )
         for p, port in zip(placements, ports, strict=True)
     ]
@@ -147,3 +173,19 @@ def save_workers(workers: list[EngineWorker], path: Path) -> None:
 
 def load_workers(path: Path) -> list[EngineWorker]:
     return [EngineWorker(**w) for w in json.loads(path.read_text())]
+
+
+def find_worker(workers: list[EngineWorker], replica: int) -> EngineWorker:
+    """Replica numbers are the engines' own (an update adds and removes some)."""
+    return next(w for w in workers if w.replica == replica)
+
+
+def free_replicas(taken: set[int], count: int) -> list[int]:
+    """The lowest replica numbers not in use: the routing's masks have a bit for each."""
+    out: list[int] = []
+    candidate = 0
+    while len(out) < count:
+        if candidate not in taken:
+            out.append(candidate)
+        candidate += 1
+    return out

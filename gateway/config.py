@@ -32,8 +32,10 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Config:
-    model: str | None = None
-    replicas: int | None = None
+    # Several: Google's co-host form (engine.model_set); none: the built-in demo model.
+    models: list[str] = field(default_factory=list)
+    replicas: list[int] | None = None  # one per model, or one for all
+    gpu_memory_partition: list[float] | None = None  # each model's share of GPU memory
     device: str = "auto"
     host: str = "0.0.0.0"
     port: int = 8080
@@ -91,6 +93,24 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise ValueError(text)
     return value
+
+
+def _positive_ints(text: str) -> list[int]:
+    return [_positive_int(t) for t in text.split(",")]
+
+
+def _shares(text: str) -> list[float]:
+    values = [float(t) for t in text.split(",")]
+    if not all(0 < v <= 1 for v in values):
+        raise ValueError(text)
+    return values
+
+
+def _names(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",")]
+    if not all(names):
+        raise ValueError(text)
+    return names
 
 
 def _positive_float(text: str) -> float:
@@ -151,6 +171,9 @@ def _fraction(text: str) -> float:
 
 EXPECTED: dict[Callable[[str], Any], str] = {
     _positive_int: "a positive integer",
+    _positive_ints: "a positive integer, or one per model, comma-separated",
+    _shares: "a share above 0 and at most 1, or one per model, comma-separated",
+    _names: "a model, or several, comma-separated",
     _positive_float: "a positive number",
     _port: "a port number, 1 to 65535",
     _fraction: "a number from 0 up to 1",
@@ -178,24 +201,39 @@ MODEL, FRONT, ENGINES, REQUESTS, FILES = "model", "front door", "engines", "requ
 SECURITY, OPERATIONS = "security", "operations"
 
 _SETTINGS: dict[str, Setting] = {
-    "model": Setting(
-        str,
+    "models": Setting(
+        _names,
         "VGATE_MODEL",
         ("AIP_STORAGE_URI", "MODEL_ID"),
         "Hugging Face id, local dir or gs:// URI (also the first argument: vgate serve MODEL); "
+        "several: repeat the flag or separate them with commas, and give --served-model-name, "
+        "--max-model-len, --tensor-parallel-size, --pipeline-parallel-size one value per "
+        "model the same way (or one for all), as Google's co-host server takes them; "
         "none: the built-in demo model",
         MODEL,
         metavar="MODEL",
+        repeat=True,
     ),
     "replicas": Setting(
-        _positive_int,
+        _positive_ints,
         "VGATE_REPLICAS",
         (),
-        "engine replicas (default: visible GPUs / (tensor x pipeline parallel size); on the CPU "
-        "one per NUMA node, bound as vLLM binds one engine, a core left free; N on the CPU: "
-        "every core, split)",
+        "engine replicas, one value per model or one for all (Google's --model-replicas; "
+        "default, one model: visible GPUs / (tensor x pipeline parallel size), on the CPU "
+        "one per NUMA node, bound as vLLM binds one engine, a core left free; several "
+        "models: one each)",
         ENGINES,
         metavar="N",
+    ),
+    "gpu_memory_partition": Setting(
+        _shares,
+        "VGATE_GPU_MEMORY_PARTITION",
+        (),
+        "each model's share of the machine's GPU memory, one value per model (Google's "
+        "co-host flag): its engines' --gpu-memory-utilization, so that models may share GPUs; "
+        "on the CPU it splits the cores and the KV cache (default: 0.9 split evenly)",
+        ENGINES,
+        metavar="F",
     ),
     "device": Setting(str, "VGATE_DEVICE", (), "where engines run", ENGINES, choices=DEVICES),
     "routing": Setting(
@@ -401,6 +439,10 @@ Each setting also reads the environment variables in [brackets], in that order
 after the flag."""
 
 
+# Settings whose flag is not their name's.
+_FLAGS = {"api_keys": "--api-key", "models": "--model"}
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -432,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         shown = "" if default is None else f" (default: {default})"
         choices = "{" + ",".join(setting.choices) + "}" if setting.choices else None
         group = groups[setting.group]
-        flag = "--api-key" if name == "api_keys" else _flag(name)
+        flag = _FLAGS.get(name, _flag(name))
         help_text = f"{setting.help}{'' if default in ([], False) else shown} [{sources}]"
         if setting.switch:
             group.add_argument(flag, dest=name, action="store_const", const="true", help=help_text)
@@ -465,14 +507,15 @@ def resolve(argv: list[str], environ: Mapping[str, str]) -> Config:
         positional, argv = argv[0], argv[1:]
     args, unknown = build_parser().parse_known_args(argv)
     if positional is not None:
-        if args.model is not None:
-            raise ConfigError(f"the model is given twice: {positional} and --model {args.model}")
-        args.model = positional
+        if args.models is not None:
+            given = ",".join(args.models)
+            raise ConfigError(f"the model is given twice: {positional} and --model {given}")
+        args.models = [positional]
     values: dict[str, Any] = {}
     for name, setting in _SETTINGS.items():
         given = getattr(args, name)
         for source, raw in [
-            ("--api-key" if name == "api_keys" else _flag(name), _joined(given)),
+            (_FLAGS.get(name, _flag(name)), _joined(given)),
             *((key, environ.get(key)) for key in (setting.env, *setting.platform_env)),
         ]:
             if raw is None or raw == "":

@@ -19,7 +19,7 @@ VLLM_MODULES = (
     "vllm.entrypoints.api_server",
     "vllm.entrypoints.openai.api_server",
     "vllm.entrypoints.launchers.api_server.entry",
-    # Google's fork: several copies behind nginx, or several models (one here).
+    # Google's fork: several copies behind nginx, or several models.
     "vllm.entrypoints.nginx_server",
     "vllm.entrypoints.model_cohost_server",
 )
@@ -51,17 +51,6 @@ def _renamed(to: str) -> Rule:
 
 def _dropped(takes_value: bool, why: str) -> Rule:
     return Rule(takes_value, lambda v: ([], {}, f"dropped: {why}"))
-
-
-def _one_model(to: str) -> Rule:
-    """Google's co-host flags take one value per model; vgate serves one model."""
-
-    def apply(value: str | None) -> tuple[list[str], dict[str, str], str]:
-        if value is None or "," in value:
-            raise ValueError(f"{value!r}: vgate serves one model per container; give one value")
-        return [f"{to}={value}"], {}, f"as {to}={value}"
-
-    return Rule(True, apply)
 
 
 def _tool_parser(value: str | None) -> tuple[list[str], dict[str, str], str]:
@@ -114,14 +103,14 @@ GOOGLE_TOOL_PARSERS = {"vertex-llama-3": "llama3_json"}
 _GPUS_SEEN = "vgate uses the GPUs it sees (CUDA_VISIBLE_DEVICES, else nvidia-smi)"
 
 RULES: dict[str, Rule] = {
-    # Google's launcher (nginx_server, model_cohost_server): model copies on the machine,
-    # the GPUs they share, each model's share of GPU memory.
+    # Google's launcher (nginx_server, model_cohost_server): model copies on the machine
+    # (one value per model), the GPUs they share. Its --gpu-memory-partition and its lists
+    # of models and per-model values are vgate's own (engine/model_set.py).
     "--num_instances": _renamed("--replicas"),
     "--num-instances": _renamed("--replicas"),
-    "--model-replicas": _one_model("--replicas"),
+    "--model-replicas": _renamed("--replicas"),
     "--total_gpus": _dropped(True, _GPUS_SEEN),
     "--total-gpus": _dropped(True, _GPUS_SEEN),
-    "--gpu-memory-partition": _one_model("--gpu-memory-utilization"),
     # Google's host-memory prefix cache: vLLM's own KV offloading (see host_kv_offload).
     "--host-prefix-kv-cache-utilization-target": _renamed("--host-kv-cache-fraction"),
     "--host-prefix-kv-cache-min-len": _dropped(
@@ -164,7 +153,7 @@ def _launcher_length(argv: list[str]) -> int:
 def translate(argv: list[str]) -> Translated:
     """Google's argument list as vgate's: launcher dropped, Google-only flags mapped.
 
-    Raises ValueError for what cannot be mapped (several models in one container).
+    Raises ValueError for what cannot be mapped.
     """
     notes: list[str] = []
     skip = _launcher_length(argv)

@@ -41,6 +41,7 @@ from engine.fetch_model import DOWNLOAD_FAILED
 from engine.launch import SUPERVISOR_TOKEN_ENV, read_exits
 from engine.logs import configure
 from engine.workers import EngineWorker, load_workers
+from gateway.control.engine_programs import program_name, replica_of
 from gateway.control.gateway_watch import watch_gateways
 from gateway.control.liveness import Progress, ReplicaWatch, read_progress
 from gateway.control.nginx_config import write_upstream
@@ -86,18 +87,17 @@ class Supervisor:
 
     def engine_states(self) -> dict[int, tuple[str, int]]:
         """{replica: (supervisord state name, pid)} of the engine programs."""
-        return self._states("engine")
+        infos = self._proxy.supervisor.getAllProcessInfo()
+        states = {replica_of(p["group"]): (p["statename"], p["pid"]) for p in infos}
+        return {r: state for r, state in states.items() if r is not None}
 
     def gateway_states(self) -> dict[int, tuple[str, int]]:
         """{worker: (supervisord state name, pid)} of the gateway workers."""
-        return self._states("gateway")
-
-    def _states(self, group: str) -> dict[int, tuple[str, int]]:
         infos = self._proxy.supervisor.getAllProcessInfo()
         return {
             int(p["name"].rsplit("-", 1)[1]): (p["statename"], p["pid"])
             for p in infos
-            if p["group"] == group
+            if p["group"] == "gateway"
         }
 
     def program(self, name: str) -> tuple[str, int]:
@@ -109,7 +109,8 @@ class Supervisor:
         self._proxy.supervisor.signalProcess("nginx", "HUP")
 
     def stop_engine(self, replica: int) -> None:
-        self._proxy.supervisor.stopProcess(f"engine:engine-{replica}", False)
+        name = program_name(replica)
+        self._proxy.supervisor.stopProcess(f"{name}:{name}", False)
 
     def shutdown(self) -> None:
         self._proxy.supervisor.shutdown()

@@ -17,6 +17,8 @@ from pathlib import Path
 import jinja2
 
 from engine.files import write_atomic
+from engine.model_set import ServedModel
+from engine.vllm_args import EngineArgs
 from engine.workers import EngineWorker
 from gateway.config import Config, ConfigError, gateway_socket
 from gateway.predict.media import MAX_MEDIA_BYTES
@@ -186,8 +188,21 @@ def render_balancing(route: str) -> str:
     return "least_conn;\n"
 
 
-def write_routing(run_dir: Path, route: str | None, models_everywhere: list[str]) -> None:
-    """The upstream's method, and the models every engine serves from the start (the
-    served model's names, the operator's --lora-modules): any other is an adapter."""
+def routing_table(models: list[ServedModel], engine: EngineArgs) -> dict[str, object]:
+    """What nginx's routing knows of the models (vgate_routing_policy.lua model_table):
+    each model's names, the first model first (an empty `model` is it); the operator's
+    --lora-modules, which every engine has from the start; whether any other name may be
+    an adapter (--enable-lora)."""
+    return {
+        "models": [{"name": m.name, "names": m.names} for m in models],
+        "adapters": list(engine.lora_modules),
+        "lora": engine.enable_lora,
+    }
+
+
+def write_routing(
+    run_dir: Path, route: str | None, models: list[ServedModel], engine: EngineArgs
+) -> None:
+    """The upstream's method, and the models nginx routes by (read at each reload)."""
     write_atomic(run_dir / BALANCING_FILE, render_balancing(route or "least-conn"))
-    write_atomic(run_dir / ROUTING_FILE, json.dumps({"models_everywhere": models_everywhere}))
+    write_atomic(run_dir / ROUTING_FILE, json.dumps(routing_table(models, engine)))

@@ -24,20 +24,28 @@ import threading
 from pathlib import Path
 
 from engine import placement
-from engine.demo_model import DEMO_MODEL_NAME
 from engine.fetch_model import DOWNLOAD_FAILED, JOB_FILE, MODEL_READY, PROGRESS_FILE, write_json
 from engine.files import write_atomic
-from engine.gcs import MODEL_CONFIG, DownloadError, list_objects, make_client
+from engine.gcs import DownloadError
 from engine.launch import SUPERVISOR_TOKEN_ENV, exits_path
 from engine.logs import FORMAT_ENV, configure
-from engine.model_source import ModelSourceError, classify_model, local_model
-from engine.vllm_args import EngineArgsError, read_engine_args
-from engine.workers import OMP_BIND_ENV, build_workers, lora_env, save_workers
+from engine.model_set import MODELS_FILE, save_models
+from engine.model_source import ModelSourceError, classify_model
+from engine.vllm_args import EngineArgs
+from engine.workers import OMP_BIND_ENV, save_workers
 from gateway.config import Config, ConfigError, resolve
 from gateway.control.drain import DRAIN_FILE, drain
+from gateway.control.engine_programs import write_engine_programs
 from gateway.control.gcp_project import find_project
 from gateway.control.google_args import host_kv_offload, translate
 from gateway.control.log_sink import LogSink, open_sink, open_wrapper
+from gateway.control.model_plan import (
+    engine_workers,
+    model_specs,
+    place,
+    serve_models,
+    shared_engine_env,
+)
 from gateway.control.monitor import FATAL_FILE
 from gateway.control.nginx_config import (
     UPSTREAM_FILE,
@@ -98,29 +106,15 @@ def available_memory() -> int:
     return 0
 
 
-def read_engine_flags(config: Config) -> Config:
-    """The engine flags as vLLM's parser reads them, or the one line it refuses them with."""
-    try:
-        engine = read_engine_args(config.engine_args)
-    except EngineArgsError as e:
-        raise ConfigError(f"vLLM refuses the engine flags: {e}") from None
-    if engine.model_tag is not None:
-        raise ConfigError(
-            f"{engine.model_tag!r} is not a flag: give the model first "
-            "(vgate serve MODEL ...) or as --model"
-        )
-    return dataclasses.replace(config, engine=engine)
-
-
-def sequences_per_engine(config: Config, first: placement.Placement) -> int:
+def sequences_per_engine(engine: EngineArgs, first: placement.Placement) -> int:
     """--max-num-seqs of each engine: the flag, else vLLM's default for the device
     (on a GPU it depends on its memory and name: nvidia-smi says, or the smallest)."""
     facts = None
-    if first.device == "cuda" and first.gpus and config.engine.max_num_seqs is None:
+    if first.device == "cuda" and first.gpus and engine.max_num_seqs is None:
         facts = placement.gpu_facts(first.gpus[0])
     if facts is None:
-        return config.engine.sequences_per_engine(first.device)
-    return config.engine.sequences_per_engine(first.device, facts.memory_bytes, facts.name)
+        return engine.sequences_per_engine(first.device)
+    return engine.sequences_per_engine(first.device, facts.memory_bytes, facts.name)
 
 
 def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Path, dict[str, str]]:
@@ -129,94 +123,68 @@ def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Pat
     check_port_free(config.host, config.port)
     if config.enable_admin_routes and not config.api_keys:
         raise ConfigError("--enable-admin-routes needs --api-key: admin routes are never open")
-    config = read_engine_flags(config)
-    usable = placement.usable_cpus()
-    placements = placement.plan(
-        config.device,
-        placement.visible_gpus() if config.device != "cpu" else [],
-        usable,
-        config.engine.gpus_per_replica,
-        config.replicas,
-        ray=config.engine.spans_hosts,
-        topology=placement.read_cpu_topology(),
-    )
+    models, engines = serve_models(model_specs(config), Path(config.download_dir))
+    config = dataclasses.replace(config, engine=engines[0])
+    chosen = routing(config.routing, lua_modules())
+    if len(models) > 1 and chosen != "prefix":
+        raise ConfigError(
+            "several models are routed by nginx's Lua balancer (--routing prefix; Debian: "
+            "libnginx-mod-http-lua lua-cjson, which deploy/install.sh installs)"
+        )
+    if chosen != config.routing and chosen == "least-conn":
+        log.warning("routing by load alone (least-conn): nginx lacks its Lua module or lua-cjson")
+    config = dataclasses.replace(config, routing=chosen)
+    plans = place(config, models, engines)
+    engine_count = sum(len(plan) for plan in plans)
     offload, note = host_kv_offload(
-        config.host_kv_cache_fraction, available_memory(), len(placements), placements[0].device
+        config.host_kv_cache_fraction, available_memory(), engine_count, plans[0][0].device
     )
     if note:
         log.warning("%s", note)
-    config = dataclasses.replace(config, engine_args=config.engine_args + offload)
-    source = classify_model(config.model)
-    served_name = None
-    if config.engine.served_model_name is None:  # vgate's names where vLLM's would be a path
-        served_name = {"demo": DEMO_MODEL_NAME, "gcs": config.model}.get(source.kind)
-    if source.kind == "gcs":
-        # Fail now, in one line, if the prefix cannot be a model: before anything starts.
-        list_objects(make_client(), source.reference or "", required=MODEL_CONFIG)
-    model = local_model(source, Path(config.download_dir))
-
+    models = [
+        dataclasses.replace(
+            m,
+            spec=dataclasses.replace(m.spec, engine_args=m.spec.engine_args + offload),
+            sequences=sequences_per_engine(e, plan[0]),
+        )
+        for m, e, plan in zip(models, engines, plans, strict=True)
+    ]
     run_dir = Path(config.run_dir or tempfile.mkdtemp(prefix="vgate-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     stale = [STATE_FILE, UPSTREAM_FILE, SCHEMA_FILE, JOB_FILE, PROGRESS_FILE, MODEL_READY]
     stale += [FATAL_FILE, DOWNLOAD_FAILED]
-    for path in [run_dir / name for name in stale] + [
-        exits_path(run_dir, p.replica) for p in placements
-    ]:
+    for path in [run_dir / name for name in stale] + list(run_dir.glob("engine-*.exits")):
         path.unlink(missing_ok=True)
-    if source.kind == "gcs":
-        job = {"uri": source.reference, "dest": model, "workers": config.download_workers}
-        write_json(run_dir / JOB_FILE, job)
+    jobs = [
+        {"uri": m.spec.source, "dest": m.model, "workers": config.download_workers}
+        for m in models
+        if classify_model(m.spec.source).kind == "gcs"
+    ]
+    if jobs:
+        write_json(run_dir / JOB_FILE, jobs)
     prom_dir = run_dir / "prometheus"
     shutil.rmtree(prom_dir, ignore_errors=True)
     prom_dir.mkdir()
     (run_dir / "nginx").mkdir(exist_ok=True)
 
     if config.max_inflight is None:
-        config = dataclasses.replace(
-            config, max_inflight=sequences_per_engine(config, placements[0]) * len(placements)
-        )
-    # The engines refuse what no stack could admit (an OpenAI request's n, or its prompt
-    # list, above --max-inflight), as the gateway does for predict.
-    limits = {
-        "VLLM_MAX_N_SEQUENCES": str(config.max_inflight),
-        "VLLM_MAX_COMPLETION_PROMPTS": str(config.max_inflight),
-    }
+        inflight = sum(m.sequences * len(plan) for m, plan in zip(models, plans, strict=True))
+        config = dataclasses.replace(config, max_inflight=inflight)
     if config.log_format == "json":
         config = dataclasses.replace(config, log_project=find_project(config.log_project))
     # vgate's own processes on the cores the engines' threads keep free; the engines get
     # every core back (their API servers float, as plain vLLM's does).
+    placements = [p for plan in plans for p in plan]
     front = () if environ.get(OMP_BIND_ENV) else placement.front_cpus(placements)
-    engine_cpus = {placement.ENGINE_CPUS_ENV: placement.cpu_list(usable)} if front else {}
-    workers = build_workers(
-        placements,
-        free_loopback_ports(len(placements)),
-        sys.executable,
-        model,
-        served_name,
-        config.engine_args,
-        environ,
-        {
-            **lora_env(
-                config.engine.enable_lora,
-                config.lora_cache_dir,
-                config.lora_cache_bytes,
-                config.lora_max_bytes,
-                config.lora_fetch_timeout,
-                config.allowed_lora_sources,
-            ),
-            **config.engine_env,
-            **limits,
-            **engine_cpus,
-        },
+    config = dataclasses.replace(config, engine_env=shared_engine_env(config, bool(front)))
+    workers = engine_workers(
+        models, plans, free_loopback_ports(len(placements)), sys.executable, environ, config
     )
     save_workers(workers, run_dir / "engines.json")
-    chosen = routing(config.routing, lua_modules())
-    if chosen != config.routing and chosen == "least-conn":
-        log.warning("routing by load alone (least-conn): nginx lacks its Lua module or lua-cjson")
-    config = dataclasses.replace(config, routing=chosen)
+    write_engine_programs(workers, run_dir)
+    save_models(models, run_dir / MODELS_FILE)
     config.save(run_dir / "config.json")
-    served = config.engine.served_model_name or [served_name or model]
-    write_routing(run_dir, config.routing, [*served, *config.engine.lora_modules])
+    write_routing(run_dir, config.routing, models, config.engine)
     write_upstream(run_dir, workers, ready=set(), generation="start")
     write_atomic(run_dir / DRAIN_FILE, "")
     conf = run_dir / "nginx.conf"
@@ -232,7 +200,6 @@ def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Pat
         "VGATE_RUN_DIR": str(run_dir),
         "VGATE_PYTHON": sys.executable,
         "VGATE_NGINX": nginx,
-        "VGATE_REPLICAS": str(len(workers)),
         "VGATE_GATEWAY_WORKERS": str(config.gateway_workers),
         "VGATE_STOP_GRACE": str(config.stop_grace),
         "VGATE_LOG_PATH": log_path,
@@ -254,7 +221,7 @@ def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Pat
     log.info(
         "serving %s on http://%s:%d with %d engine replica(s) [%s], at most %d requests in "
         "flight, run dir %s",
-        config.model or DEMO_MODEL_NAME,
+        ", ".join(m.name for m in models),
         config.host,
         config.port,
         len(workers),

@@ -1,8 +1,10 @@
 -- nginx's side of prefix-aware routing (the choice itself: vgate_routing_policy.lua).
 --
 --   prepare()  access phase: reads the request's body (nginx then sends the same bytes
---              on) and turns its prompt into block hashes; reads X-Session-Id.
---   balance()  the engines upstream's balancer: picks the engine, remembers which
+--              on): the model it names (an unknown one is a 404 here, a model with no
+--              engine ready a 503) and its prompt, as block hashes; reads X-Session-Id.
+--   balance()  the engines upstream's balancer: picks the engine among the request's
+--              model's, remembers which
 --              blocks it was sent, counts the request in flight on it; on a retry
 --              (the engine failed before answering) picks another and passes over
 --              the failed one for FAIL_S, as max_fails=1 fail_timeout=5s did.
@@ -32,28 +34,63 @@ local SESSION_S = 3600
 local MAX_SESSION_ID = 256
 
 local engines = { spec = false }
-local everywhere = {} -- models every engine serves from the start (configure())
+local served = policy.model_table({}) -- the served models (configure())
 
--- Once, as nginx loads its config: the served model's names and the operator's
--- --lora-modules, from the file `vgate serve` wrote. A request for another model names
--- an adapter that only the engines it was sent to have loaded.
+-- Each time nginx loads its config: the served models' names, the operator's
+-- --lora-modules and whether the engines run LoRA, from the file `vgate serve` (or an
+-- update of the models) wrote. A request for another model names an adapter that only
+-- the engines it was sent to have loaded.
 function M.configure(path)
     local file = assert(io.open(path))
     local settings = assert(cjson.decode(file:read("*a")))
     file:close()
-    for _, name in ipairs(settings.models_everywhere) do
-        everywhere[name] = true
-    end
+    served = policy.model_table(settings)
 end
 
 -- The ready engines, from the upstream file's map (parsed once per nginx config).
 local function ready()
     local spec = ngx.var.vgate_ready_engines
     if spec ~= engines.spec then
-        local ids, addresses = policy.parse_engines(spec)
-        engines = { spec = spec, ids = ids, addresses = addresses }
+        local ids, addresses, models = policy.parse_engines(spec)
+        engines = { spec = spec, ids = ids, addresses = addresses, models = models }
     end
-    return engines.ids, engines.addresses
+    return engines.ids, engines.addresses, engines.models
+end
+
+-- An answer from the access phase, in the shape of the OpenAI API's errors (vLLM's).
+local function refuse(status, kind, message)
+    ngx.status = status
+    ngx.header.content_type = "application/json"
+    if status == 503 then
+        ngx.header["Retry-After"] = "5"
+    end
+    ngx.print(cjson.encode({
+        error = { message = message, type = kind, param = "model", code = status },
+    }))
+    return ngx.exit(ngx.HTTP_OK)
+end
+
+-- The request's body, decoded; nil when there is none, it is too large, or not JSON.
+local function body_json()
+    ngx.req.read_body()
+    local body = ngx.req.get_body_data()
+    if body == nil then
+        local path = ngx.req.get_body_file() -- nginx kept a larger body in a file
+        local size = tonumber(ngx.var.content_length)
+        if path == nil or size == nil or size > MAX_BODY then
+            return nil
+        end
+        local file = io.open(path, "rb")
+        if file == nil then
+            return nil
+        end
+        body = file:read("*a")
+        file:close()
+    end
+    if #body > MAX_BODY then
+        return nil
+    end
+    return cjson.decode(body)
 end
 
 local function held(h)
@@ -75,25 +112,32 @@ function M.prepare()
     if session ~= nil and session ~= "" and #session <= MAX_SESSION_ID then
         ctx.vgate_session = session
     end
-    if not policy.GENERATION_ROUTES[ngx.var.uri] then
+    local body = ngx.req.get_method() == "POST" and body_json() or nil
+    local name = type(body) == "table" and body.model or nil
+    local model, adapter = policy.resolve(served, name)
+    if model == nil then
+        return refuse(404, "NotFoundError", "The model `" .. tostring(name) .. "` does not exist.")
+    end
+    ctx.vgate_model = model
+    local ids, _, models = ready()
+    if #policy.of_model(ids, models, model) == 0 then
+        return refuse(503, "ServiceUnavailableError", "no engine of model `" .. model
+            .. "` is ready yet; retry shortly")
+    end
+    if not policy.GENERATION_ROUTES[ngx.var.uri] or type(body) ~= "table" then
         return
     end
-    ngx.req.read_body()
-    local body = ngx.req.get_body_data() -- nil when nginx kept the body in a file
-    if body == nil or #body > MAX_BODY then
-        return
-    end
-    local text, model = policy.prompt_of(cjson.decode(body))
+    local text = policy.prompt_of(body)
     if text ~= nil then
-        local adapter = not everywhere[model] and model or ""
         ctx.vgate_adapter = adapter ~= ""
-        ctx.vgate_chain = policy.blocks(adapter, text, ngx.crc32_long)
+        ctx.vgate_chain = policy.blocks(model .. "/" .. adapter, text, ngx.crc32_long)
     end
 end
 
 function M.balance()
     local ctx = ngx.ctx
-    local ids, addresses = ready()
+    local all, addresses, models = ready()
+    local ids = policy.of_model(all, models, ctx.vgate_model or served.first)
     local failed = release() -- set on a retry: that engine failed this request
     if failed ~= nil then
         state:set("failed:" .. failed, true, FAIL_S)
@@ -111,7 +155,9 @@ function M.balance()
         candidates = others -- every engine failed lately: try one rather than none
     end
     if #candidates == 0 then
-        return -- no peer set: nginx's own list, where every engine not ready is down (a 503)
+        -- None of the model's engines is ready (any more): a 502, answered as nginx's
+        -- 503 for no engine, never another model's engine.
+        return ngx.exit(502)
     end
     local chain = failed == nil and ctx.vgate_chain or nil
     local matched, seen = {}, {}
@@ -155,13 +201,14 @@ function M.done()
 end
 
 function M.status()
-    local ids = ready()
-    local loads = {}
+    local ids, _, models = ready()
+    local loads, of = {}, {}
     for _, r in ipairs(ids) do
         loads[tostring(r)] = state:get("load:" .. r) or 0
+        of[tostring(r)] = models[r]
     end
     ngx.header.content_type = "application/json"
-    ngx.print(cjson.encode({ in_flight = loads }))
+    ngx.print(cjson.encode({ in_flight = loads, models = of }))
 end
 
 return M

@@ -243,16 +243,62 @@ function M.choose(replicas, loads, request, turn, factor)
     return order[#order].r -- not reached: the least loaded is within the bound
 end
 
--- "0=127.0.0.1:8001 1=127.0.0.1:8002" (the ready engines, as the upstream file
--- lists them) -> {ids}, {id = {host, port}}.
+-- "0=127.0.0.1:8001@alpha 1=127.0.0.1:8002@beta" (the ready engines and their models,
+-- as the upstream file lists them) -> {ids}, {id = {host, port}}, {id = model}.
 function M.parse_engines(spec)
-    local ids, addresses = {}, {}
-    for id, host, port in (spec or ""):gmatch("(%d+)=([^%s:]+):(%d+)") do
+    local ids, addresses, models = {}, {}, {}
+    for id, host, port, model in (spec or ""):gmatch("(%d+)=([^%s:]+):(%d+)@(%S+)") do
         id = tonumber(id)
         ids[#ids + 1] = id
         addresses[id] = { host, tonumber(port) }
+        models[id] = model
     end
-    return ids, addresses
+    return ids, addresses, models
+end
+
+-- The served models, from the file `vgate serve` (or an update) wrote: {models = {{name,
+-- names}}, adapters = {--lora-modules}, lora = --enable-lora} -> what resolve() reads.
+function M.model_table(settings)
+    local t = { by_name = {}, first = nil, lora = settings.lora == true, everywhere = {} }
+    for _, model in ipairs(settings.models or {}) do
+        t.first = t.first or model.name
+        for _, name in ipairs(model.names) do
+            t.by_name[name] = model.name
+        end
+    end
+    for _, name in ipairs(settings.adapters or {}) do
+        t.everywhere[name] = true
+    end
+    return t
+end
+
+-- The model a request's `model` names: its served model's name, and the adapter it
+-- names ("" for none). Empty or absent: the first model, as vLLM serves its own model
+-- under an empty name. Another name is an adapter of the first model's engines when the
+-- engines run LoRA (vLLM's resolver loads it), else nothing: nil (a 404).
+function M.resolve(t, name)
+    if type(name) ~= "string" or name == "" then
+        return t.first, ""
+    end
+    local model = t.by_name[name]
+    if model ~= nil then
+        return model, ""
+    end
+    if t.lora then
+        return t.first, t.everywhere[name] and "" or name
+    end
+    return nil, nil
+end
+
+-- Only the engines of `model` among `ids` (in their order).
+function M.of_model(ids, models, model)
+    local out = {}
+    for _, r in ipairs(ids) do
+        if models[r] == model then
+            out[#out + 1] = r
+        end
+    end
+    return out
 end
 
 return M
