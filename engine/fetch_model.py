@@ -11,6 +11,7 @@ ends the run with its cause.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -35,17 +36,18 @@ def write_json(path: Path, value: object) -> None:
     write_atomic(path, json.dumps(value))
 
 
+def _report(run_dir: Path, uri: str, progress: Progress) -> None:
+    log.info("%s: %s", uri, progress.line())
+    write_json(run_dir / PROGRESS_FILE, {"uri": uri, **progress.as_dict()})
+
+
 def main() -> int:
     configure("download")
     run_dir = Path(os.environ["VGATE_RUN_DIR"])
     job_file = run_dir / JOB_FILE
     for job in json.loads(job_file.read_text()) if job_file.exists() else []:
         uri = job["uri"]
-
-        def report(progress: Progress) -> None:
-            log.info("%s: %s", uri, progress.line())
-            write_json(run_dir / PROGRESS_FILE, {"uri": uri, **progress.as_dict()})
-
+        report = functools.partial(_report, run_dir, uri)
         log.info("%s: downloading into %s with %d workers", uri, job["dest"], job["workers"])
         try:
             done = download(uri, Path(job["dest"]), workers=job["workers"], on_progress=report)

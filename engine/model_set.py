@@ -163,10 +163,30 @@ class ServedModel:
     model: str  # what its engines' --model is (a gs:// model's local mirror)
     group: int = 1  # GPUs per replica (tensor x pipeline parallel size)
     sequences: int = 0  # each engine's --max-num-seqs (vLLM's default when not given)
+    extra_args: list[str] = field(default_factory=list)  # vgate's, after the spec's flags
 
-    def same_engines(self, other: ServedModel) -> bool:
-        """Whether `other` would run exactly these engines: an update keeps them."""
-        return self.spec == other.spec and self.names == other.names
+
+def flag_groups(args: list[str]) -> list[str]:
+    """A command line as its flags, each with its values (`--a=1`, `--a 1` alike), sorted:
+    two lines that differ only in order or spelling ask for the same engines."""
+    groups: list[list[str]] = []
+    for arg in args:
+        if arg.startswith("-") or not groups:
+            groups.append(arg.split("=", 1) if arg.startswith("--") else [arg])
+        else:
+            groups[-1].append(arg)
+    return sorted("=".join(g) if len(g) == 2 else " ".join(g) for g in groups)
+
+
+def spec_key(spec: ModelSpec) -> tuple[object, ...]:
+    """What decides a model's engines: an update keeps a model whose key is unchanged."""
+    return (
+        spec.source,
+        tuple(flag_groups(spec.engine_args)),
+        spec.replicas,
+        spec.memory_share,
+        tuple(sorted(spec.env.items())),
+    )
 
 
 def save_models(models: list[ServedModel], path: Path) -> None:

@@ -8,6 +8,7 @@ checked them by then).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from engine.files import write_atomic
 from engine.lora_cache import POLICY_ENV
 from engine.media_guard import CONNECTOR as MEDIA_CONNECTOR
 from engine.placement import Placement, cpu_bind
+
+log = logging.getLogger("vgate.engines")
 
 # vLLM 0.32's server module; `vllm.entrypoints.openai.api_server` is its deprecated alias.
 VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
@@ -45,10 +48,16 @@ class EngineWorker:
     cluster_gpus: int = 0  # multi-host: wait for the Ray cluster to hold this many
     model: str = ""  # the name of the model it serves (engine.model_set.ServedModel.name)
     draining: bool = False  # its model was removed: out of routing, stopped when idle
+    gpus: list[int] = field(default_factory=list)  # what it holds, for an update's placement
+    memory: float | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def placement(self) -> Placement:
+        """Its share of the GPUs (an update places new models around it)."""
+        return Placement(self.replica, "cuda", gpus=tuple(self.gpus), memory=self.memory)
 
 
 def engine_argv(
@@ -161,13 +170,16 @@ def build_workers(
             env={**engine_env(p, environ), **(extra_env or {})},
             cluster_gpus=p.cluster_gpus,
             model=name,
+            gpus=list(p.gpus),
+            memory=p.memory,
         )
         for p, port in zip(placements, ports, strict=True)
     ]
 
 
 def save_workers(workers: list[EngineWorker], path: Path) -> None:
-    """Written once by `vgate serve`; read by each engine launch and by the gateway."""
+    """Written by `vgate serve` and /update_models; read by each engine launch, the
+    monitor and the gateway."""
     write_atomic(path, json.dumps([asdict(w) for w in workers], indent=1))
 
 
@@ -189,3 +201,38 @@ def free_replicas(taken: set[int], count: int) -> list[int]:
             out.append(candidate)
         candidate += 1
     return out
+
+
+class EngineList:
+    """engines.json as it is now: /update_models rewrites it; re-read when it changed
+    (a stat per look, cheap enough for every request)."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._mtime_ns = -1
+        self._workers: list[EngineWorker] = []
+        self.refresh()
+
+    def refresh(self) -> bool:
+        """True when the list changed."""
+        try:
+            mtime = self._path.stat().st_mtime_ns
+            if mtime == self._mtime_ns:
+                return False
+            workers = load_workers(self._path)
+        except (OSError, ValueError, KeyError, TypeError):
+            if self._mtime_ns < 0:
+                raise  # none to stand in: the run is not set up
+            log.warning("%s unreadable, the last one stands", self._path, exc_info=True)
+            return False
+        self._mtime_ns, self._workers = mtime, workers
+        return True
+
+    def workers(self) -> list[EngineWorker]:
+        self.refresh()
+        return self._workers
+
+    @property
+    def written(self) -> int:
+        """When the list was last written, in seconds since the epoch."""
+        return self._mtime_ns // 1_000_000_000

@@ -2,8 +2,10 @@
 
 Readiness (`/ping`, `/health`, Vertex's AIP_HEALTH_ROUTE): 200 while at least
 one engine replica is ready, 503 before that (Vertex keeps probing and routes no
-traffic until 200). A replica that cannot start is `failed` with its cause;
-when every one has failed the status says so too.
+traffic until 200). With several models, /health also gives each model's count: a
+model with none ready gets 503 from routing, the others keep serving. A replica
+that cannot start is `failed` with its cause; when every one has failed the status
+says so too.
 
 Liveness (`/live`): 200 whenever nginx and a gateway worker answer, from the
 first second and through a model download of hours, so a liveness probe
@@ -20,20 +22,30 @@ import orjson
 from aiohttp import web
 
 from engine.fetch_model import MODEL_READY, PROGRESS_FILE
-from gateway.state import FAILED, READY
+from gateway.state import DRAINING, FAILED, READY, ReplicaState
 
 
-def _answer(request: web.Request, detail: bool) -> web.Response:
-    replicas = request.app["state"].replicas()
+def _status(replicas: list[ReplicaState]) -> dict[str, object]:
     ready = sum(r.state == READY for r in replicas)
     failed = bool(replicas) and all(r.state == FAILED for r in replicas)
-    body: dict[str, object] = {
+    return {
         "status": "ready" if ready else FAILED if failed else "starting",
         "ready_replicas": ready,
         "replicas_total": len(replicas),
     }
+
+
+def _answer(request: web.Request, detail: bool) -> web.Response:
+    every = request.app["state"].replicas()
+    replicas = [r for r in every if r.state != DRAINING]  # removed models' last requests
+    body = _status(replicas)
+    ready = body["ready_replicas"]
     if detail:
-        body["replicas"] = [_redacted(r.public()) for r in replicas]
+        models: dict[str, list[ReplicaState]] = {}
+        for r in replicas:
+            models.setdefault(r.model, []).append(r)
+        body["models"] = {name: _status(rs) for name, rs in models.items()}
+        body["replicas"] = [_redacted(r.public()) for r in every]
         download = _download_progress(request.app["run_dir"])
         if download is not None:
             body["download"] = download

@@ -78,12 +78,13 @@ async def track_requests(request: web.Request, handler: Handler) -> web.StreamRe
 LORA_INFO = "vllm:lora_requests_info"
 
 
-def relabel(text: str, replica: int) -> list[Metric]:
-    """Parse one engine's exposition and add replica="<i>" to every sample."""
+def relabel(text: str, replica: int, model: str = "") -> list[Metric]:
+    """Parse one engine's exposition and add replica="<i>" to every sample (vLLM's own
+    carry their model_name)."""
     families = []
     for family in text_string_to_metric_families(text):
         if family.name == LORA_INFO:
-            families += _lora_counts(family, replica)
+            families += _lora_counts(family, replica, model)
             continue
         family.samples = [
             s._replace(labels={**s.labels, "replica": str(replica)}) for s in family.samples
@@ -92,7 +93,7 @@ def relabel(text: str, replica: int) -> list[Metric]:
     return families
 
 
-def _lora_counts(family: Metric, replica: int) -> list[Metric]:
+def _lora_counts(family: Metric, replica: int, model: str) -> list[Metric]:
     """How many adapters have running and waiting requests now (the newest series),
     not which: bounded labels, and no tenant sees another's adapter names."""
     latest = max(family.samples, key=lambda s: s.value, default=None)
@@ -102,9 +103,9 @@ def _lora_counts(family: Metric, replica: int) -> list[Metric]:
         gauge = GaugeMetricFamily(
             f"vgate_lora_adapters_{kind}",
             f"LoRA adapters with {kind} requests",
-            labels=["replica"],
+            labels=["replica", "model"],
         )
-        gauge.add_metric([str(replica)], len([n for n in names.split(",") if n]))
+        gauge.add_metric([str(replica), model], len([n for n in names.split(",") if n]))
         counts.append(gauge)
     return counts
 
@@ -122,10 +123,12 @@ def merge(families: Iterable[Metric]) -> list[Metric]:
 
 def replica_ready_family(replicas: list[ReplicaState]) -> Metric:
     family = GaugeMetricFamily(
-        "vgate_replica_ready", "1 when the engine replica is ready", labels=["replica", "device"]
+        "vgate_replica_ready",
+        "1 when the engine replica is ready",
+        labels=["replica", "device", "model"],
     )
     for r in replicas:
-        family.add_metric([str(r.replica), r.device], 1.0 if r.state == READY else 0.0)
+        family.add_metric([str(r.replica), r.device, r.model], 1.0 if r.state == READY else 0.0)
     return family
 
 
@@ -186,9 +189,12 @@ def render(
     """The engines' texts, relabelled and merged, with the front door's and vgate's own."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    engine_families = merge(f for replica, text in texts.items() for f in relabel(text, replica))
+    models = {r.replica: r.model for r in replicas}
+    engine_families = merge(
+        f for replica, text in texts.items() for f in relabel(text, replica, models[replica])
+    )
     own = [replica_ready_family(replicas), queue_family(engine_families)]
-    own.append(restarts_family(sources.run_dir, [r.replica for r in replicas]))
+    own.append(restarts_family(sources.run_dir, models))
     own += download_families(sources.run_dir)
     if sources.lora_cache is not None:
         own += lora_cache_families(*sources.lora_cache)
@@ -250,7 +256,7 @@ def add_route(app: web.Application) -> None:
         lambda: exposition(
             app["direct_session"],
             app["engine_session"],
-            app["workers"],
+            app["engines"].workers(),
             app["state"].replicas(),
             sources,
         )

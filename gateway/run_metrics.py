@@ -14,14 +14,15 @@ from engine.launch import read_exits
 from engine.lora_cache import AdapterCache
 
 
-def restarts_family(run_dir: Path, replicas: list[int]) -> Metric:
+def restarts_family(run_dir: Path, replicas: dict[int, str]) -> Metric:
+    """`replicas`: each replica's model."""
     family = CounterMetricFamily(
         "vgate_engine_restarts",
         "Times the engine replica exited without being asked to (and was restarted)",
-        labels=["replica"],
+        labels=["replica", "model"],
     )
-    for replica in replicas:
-        family.add_metric([str(replica)], len(read_exits(run_dir, replica)))
+    for replica, model in replicas.items():
+        family.add_metric([str(replica), model], len(read_exits(run_dir, replica)))
     return family
 
 

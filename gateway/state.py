@@ -14,6 +14,7 @@ from pathlib import Path
 import orjson
 
 from engine.files import write_atomic
+from engine.workers import EngineList, EngineWorker
 
 STATE_FILE = "state.json"
 # The monitor writes every second; older than this, it is not reporting. Generous: a
@@ -22,6 +23,8 @@ STATE_FILE = "state.json"
 STALE_AFTER_S = 45.0
 
 STARTING, READY, DOWN, FAILED = "starting", "ready", "down", "failed"
+# Removed by /update_models: nginx no longer routes to it; it finishes what it has, then stops.
+DRAINING = "draining"
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class ReplicaState:
     state: str
     device: str
     cause: str | None = None  # why a failed replica cannot start
+    model: str = ""  # the name it serves (its --served-model-name)
 
     def public(self) -> dict[str, object]:
         """As /health shows it: the cause only when there is one."""
@@ -61,12 +65,17 @@ def write_state(path: Path, replicas: list[ReplicaState], now: float | None = No
 class StateReader:
     """Re-reads the state file only when it changed; cheap enough for every request."""
 
-    def __init__(self, path: Path, devices: dict[int, str]):
+    def __init__(self, path: Path, devices: dict[int, str], models: dict[int, str] | None = None):
         self._path = path
-        self._devices = devices
+        self.set_engines(devices, models or {})
         self._mtime_ns = -1
         self._updated = 0.0
         self._replicas: list[ReplicaState] = []
+
+    def set_engines(self, devices: dict[int, str], models: dict[int, str]) -> None:
+        """The engines as engines.json lists them (an update may change them)."""
+        self._devices = devices
+        self._models = models
 
     def replicas(self, now: float | None = None) -> list[ReplicaState]:
         try:
@@ -80,5 +89,25 @@ class StateReader:
             pass
         if (time.time() if now is None else now) - self._updated > STALE_AFTER_S:
             # No fresh verdict: say so rather than repeat an old "ready".
-            return [ReplicaState(i, STARTING, d) for i, d in sorted(self._devices.items())]
+            return [
+                ReplicaState(i, STARTING, device, model=self._models.get(i, ""))
+                for i, device in sorted(self._devices.items())
+            ]
         return self._replicas
+
+
+class EngineStates:
+    """The monitor's verdict on the engines engines.json lists now."""
+
+    def __init__(self, engines: EngineList, path: Path):
+        self._engines = engines
+        self._reader = StateReader(path, {})
+        self._seen: list[EngineWorker] | None = None
+
+    def replicas(self, now: float | None = None) -> list[ReplicaState]:
+        workers = self._engines.workers()
+        if workers is not self._seen:
+            self._seen = workers
+            devices = {w.replica: w.device for w in workers}
+            self._reader.set_engines(devices, {w.replica: w.model for w in workers})
+        return self._reader.replicas(now)

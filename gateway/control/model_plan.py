@@ -70,9 +70,7 @@ def serve_models(
                 check_name(name)
         except ModelSetError as e:
             raise ConfigError(str(e)) from None
-        models.append(
-            ServedModel(names[0], list(names), spec, model, engine.gpus_per_replica)
-        )
+        models.append(ServedModel(names[0], list(names), spec, model, engine.gpus_per_replica))
         engines.append(engine)
     seen: dict[str, str] = {}
     for m in models:
@@ -110,8 +108,7 @@ def place(
     if any(e.spans_hosts for e in engines):
         raise ConfigError("--distributed-executor-backend ray serves one model per container")
     demands = [
-        placement.ModelDemand(m.name, m.group, m.spec.replicas, m.spec.memory_share)
-        for m in models
+        placement.ModelDemand(m.name, m.group, m.spec.replicas, m.spec.memory_share) for m in models
     ]
     return placement.plan_models(config.device, gpus, usable, demands, taken)
 
@@ -162,7 +159,7 @@ def engine_workers(
             python,
             model.model,
             model.name,  # before the flags: a --served-model-name among them wins
-            model.spec.engine_args,
+            [*model.spec.engine_args, *model.extra_args],
             environ,
             {**config.engine_env, **model.spec.env},
             name=model.name,

@@ -40,13 +40,14 @@ from engine.failures import StartWatch
 from engine.fetch_model import DOWNLOAD_FAILED
 from engine.launch import SUPERVISOR_TOKEN_ENV, read_exits
 from engine.logs import configure
-from engine.workers import EngineWorker, load_workers
+from engine.workers import EngineList, EngineWorker, find_worker
 from gateway.control.engine_programs import program_name, replica_of
 from gateway.control.gateway_watch import watch_gateways
 from gateway.control.liveness import Progress, ReplicaWatch, read_progress
 from gateway.control.nginx_config import write_upstream
 from gateway.engine_schema import SCHEMA_FILE, fetch_schema
 from gateway.state import (
+    DRAINING,
     FAILED,
     READY,
     STALE_AFTER_S,
@@ -115,6 +116,22 @@ class Supervisor:
     def shutdown(self) -> None:
         self._proxy.supervisor.shutdown()
 
+    def reload_config(self) -> None:
+        """Read the programs' files again (engines.conf); changes nothing that runs."""
+        self._proxy.supervisor.reloadConfig()
+
+    def add_program(self, name: str) -> None:
+        """Start a program reload_config found (an engine an update added)."""
+        self._proxy.supervisor.addProcessGroup(name)
+
+    def remove_program(self, name: str) -> None:
+        """Stop a program (TERM, then KILL after its stopwaitsecs) and forget it."""
+        try:
+            self._proxy.supervisor.stopProcessGroup(name, True)
+        except xmlrpc.client.Fault as e:
+            log.warning("%s: not stopped: %s", name, e.faultString)
+        self._proxy.supervisor.removeProcessGroup(name)
+
 
 async def engine_healthy(session: aiohttp.ClientSession, worker: EngineWorker) -> bool:
     try:
@@ -153,18 +170,24 @@ async def poll_once(
         # A busy supervisord says nothing about the engines: keep what it said last.
         log.warning("supervisord did not answer: %r", e)
         processes = dict(known)
-    healthy = await asyncio.gather(*(engine_healthy(session, w) for w in workers))
+    serving = [w for w in workers if not w.draining]
+    healthy = await asyncio.gather(*(engine_healthy(session, w) for w in serving))
     now = time.monotonic()
-    states = []
-    for w, ok in zip(workers, healthy, strict=True):
+    states = {
+        w.replica: ReplicaState(w.replica, DRAINING, w.device, model=w.model)
+        for w in workers
+        if w.draining
+    }
+    for w, ok in zip(serving, healthy, strict=True):
         process, pid = processes.get(w.replica, (None, 0))
-        states.append(ReplicaState(w.replica, watches[w.replica].probe(now, process, ok), w.device))
+        state = watches[w.replica].probe(now, process, ok)
+        states[w.replica] = ReplicaState(w.replica, state, w.device, model=w.model)
     if look_at_progress:
-        routed = [w for w in workers if watches[w.replica].routed]
+        routed = [w for w in serving if watches[w.replica].routed]
         seen = await asyncio.gather(*(engine_progress(session, w) for w in routed))
         for w, progress in zip(routed, seen, strict=True):
             watches[w.replica].progress(now, progress)
-    for w in workers:
+    for w in serving:
         reason = watches[w.replica].restart_reason(now)
         process, pid = processes.get(w.replica, (None, 0))
         if reason and process == "RUNNING" and pid:
@@ -172,7 +195,7 @@ async def poll_once(
             kill_group(pid)
             watches[w.replica] = ReplicaWatch()
             states[w.replica] = replace(states[w.replica], state=STARTING)
-    return states
+    return [states[w.replica] for w in workers]
 
 
 def kill_group(pid: int) -> None:
@@ -225,7 +248,7 @@ async def _with_schema(
     for r in replicas:
         if r.state == READY:
             try:
-                await fetch_schema(session, workers[r.replica], run_dir)
+                await fetch_schema(session, find_worker(workers, r.replica), run_dir)
                 return replicas
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as e:
                 log.warning("replica %d: no request schema yet: %r", r.replica, e)
@@ -250,6 +273,9 @@ def with_failures(
         download = None
     out = []
     for r in replicas:
+        if r.state == DRAINING:
+            out.append(r)
+            continue
         failure = watch.update(r.replica, read_exits(run_dir, r.replica), r.state == READY)
         cause = download or (failure.line() if failure else None)
         out.append(replace(r, state=FAILED, cause=cause) if cause else r)
@@ -258,6 +284,7 @@ def with_failures(
 
 def fatal_cause(replicas: list[ReplicaState]) -> str | None:
     """Why nothing can serve, once every replica has failed."""
+    replicas = [r for r in replicas if r.state != DRAINING]
     if not replicas or any(r.state != FAILED for r in replicas):
         return None
     causes = list(dict.fromkeys(r.cause or "" for r in replicas))
@@ -347,8 +374,28 @@ async def apply_upstream(
     return True
 
 
+def _still_routed(replicas: list[ReplicaState], applied: set[int] | None) -> list[ReplicaState]:
+    """A draining replica is `draining` once nginx no longer routes to it (what
+    /update_models waits for before it lets it finish); until then it is still ready."""
+    routed = applied or set()
+    return [
+        replace(r, state=READY) if r.state == DRAINING and r.replica in routed else r
+        for r in replicas
+    ]
+
+
+def follow(workers: list[EngineWorker], watches: dict[int, ReplicaWatch]) -> None:
+    """Watches for engines an update added; none for those it removed."""
+    replicas = {w.replica for w in workers}
+    for replica in set(watches) - replicas:
+        del watches[replica]
+    for replica in replicas - set(watches):
+        watches[replica] = ReplicaWatch()
+
+
 async def run(run_dir: Path) -> None:
-    workers = load_workers(run_dir / "engines.json")
+    engines = EngineList(run_dir / "engines.json")
+    workers = engines.workers()
     supervisor = Supervisor(run_dir)
     routed: set[int] = set()  # the ready engines nginx routes to
     applied: set[int] | None = None  # the set nginx's upstream file was last loaded with
@@ -380,6 +427,10 @@ async def run(run_dir: Path) -> None:
         looked = 0.0
         while not gateways.done():  # the watchdog never ends; if it fails, so does this
             started = time.monotonic()
+            if engines.refresh():
+                workers = engines.workers()
+                follow(workers, watches)
+                log.info("engines: %s", ", ".join(f"{w.replica}={w.model}" for w in workers))
             look = started - looked >= PROGRESS_EVERY_S
             looked = started if look else looked
             probed = await poll_once(session, supervisor, workers, watches, look, known)
@@ -392,13 +443,14 @@ async def run(run_dir: Path) -> None:
                 internal, supervisor, run_dir, workers, ready, unwritable
             ):
                 applied, routed = ready, set(ready)
-            replicas = _not_ready_unless(replicas, routed)
+            replicas = _still_routed(_not_ready_unless(replicas, routed), applied)
             state = functools.partial(write_state, run_dir / STATE_FILE, replicas)
             written("state file", state, unwritable)
             await stop_failed(supervisor, run_dir, replicas, stopped)
             for r in replicas:
                 if previous.get(r.replica) != r.state:
-                    level = logging.INFO if r.state in (READY, STARTING) else logging.WARNING
+                    quiet = r.state in (READY, STARTING, DRAINING)
+                    level = logging.INFO if quiet else logging.WARNING
                     log.log(level, "replica %d (%s): %s", r.replica, r.device, r.state)
             previous = {r.replica: r.state for r in replicas}
             if (took := time.monotonic() - started) > SLOW_POLL_S:

@@ -27,7 +27,7 @@ from engine import placement
 from engine.fetch_model import DOWNLOAD_FAILED, JOB_FILE, MODEL_READY, PROGRESS_FILE, write_json
 from engine.files import write_atomic
 from engine.gcs import DownloadError
-from engine.launch import SUPERVISOR_TOKEN_ENV, exits_path
+from engine.launch import SUPERVISOR_TOKEN_ENV
 from engine.logs import FORMAT_ENV, configure
 from engine.model_set import MODELS_FILE, save_models
 from engine.model_source import ModelSourceError, classify_model
@@ -144,7 +144,7 @@ def prepare(config: Config, environ: dict[str, str], log_path: str) -> tuple[Pat
     models = [
         dataclasses.replace(
             m,
-            spec=dataclasses.replace(m.spec, engine_args=m.spec.engine_args + offload),
+            extra_args=offload,
             sequences=sequences_per_engine(e, plan[0]),
         )
         for m, e, plan in zip(models, engines, plans, strict=True)

@@ -62,8 +62,12 @@ async def engine_request(
     """
     if instance.route != GENERATE_ROUTE:
         return instance.request
-    # The base model's tokenizer: an adapter named in "model" has the same one.
-    tokens = await call_json(session, TOKENIZE_ROUTE, {"prompt": instance.prompt}, where, tags)
+    # The named model's tokenizer (its name also routes the call to its engines); an
+    # adapter named in "model" has its base model's.
+    asked = {"prompt": instance.prompt}
+    if instance.request.get("model"):
+        asked["model"] = instance.request["model"]
+    tokens = await call_json(session, TOKENIZE_ROUTE, asked, where, tags)
     return {**instance.request, "token_ids": tokens["tokens"]}
 
 
