@@ -129,6 +129,10 @@ def main(argv: list[str]) -> None:
     # gateway and the monitor without them.
     for name in ("VLLM_API_KEY", "VGATE_API_KEY", "VGATE_API_KEYS", SUPERVISOR_TOKEN_ENV):
         env.pop(name, None)
+    # A share of the KV cache as --kv-cache-memory-bytes (several models): vLLM's legacy
+    # variable would override it, and reads an empty one as a number.
+    if env.get("VLLM_CPU_KVCACHE_SPACE") == "":
+        del env["VLLM_CPU_KVCACHE_SPACE"]
     # Every core back, from vgate's own (the engine's threads bind themselves).
     pin(env.pop(ENGINE_CPUS_ENV, None))
     wait_for_model(run_dir)

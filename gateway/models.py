@@ -5,8 +5,10 @@ depends on which was asked: the list is the union of every ready engine's, asked
 directly, and the same whichever gateway worker answers. vLLM's own answer lists
 every adapter any client ever had resolved (their names are often
 `gs://their-bucket/...`) and the local path of each model and adapter (`root`):
-callers see neither. vLLM stamps `created` with the time of each call; here it is
-when the served set was last written, so the answer stays the same between updates.
+callers see neither. vLLM stamps `created` with the time of each call, and a
+`permission` entry with an id of its own each time (OpenAI's model object has none);
+here `created` is when the served set was last written, without `permission`, so
+the answer stays the same between updates.
 """
 
 from __future__ import annotations
@@ -52,7 +54,13 @@ def public_models(
     adapters_shown = (c for c in cards.values() if c.get("parent") and shown(c, adapters))
     loaded = sorted(adapters_shown, key=lambda c: c["id"])
     stamp = {} if created is None else {"created": created}
-    return {"object": "list", "data": [{**c, "root": c["id"], **stamp} for c in models + loaded]}
+    return {
+        "object": "list",
+        "data": [
+            {**{k: v for k, v in c.items() if k != "permission"}, "root": c["id"], **stamp}
+            for c in models + loaded
+        ],
+    }
 
 
 async def _ask(session: aiohttp.ClientSession, worker: EngineWorker) -> dict[str, Any] | None:

@@ -48,15 +48,16 @@ def read_flags(args: list[str], which: str = "") -> EngineArgs:
 
 
 def serve_models(
-    specs: list[ModelSpec], download_dir: Path
+    specs: list[ModelSpec], download_dir: Path, name_each: bool = False
 ) -> tuple[list[ServedModel], list[EngineArgs]]:
     """Each model checked, with its names and vLLM's view of its flags.
 
     A gs:// model's prefix is looked at now (it must hold a model), not fetched.
+    `name_each`: errors name the model even when it is the only one.
     """
     models, engines = [], []
     for spec in specs:
-        which = f" of {spec.source}" if len(specs) > 1 else ""
+        which = f" of {spec.source}" if len(specs) > 1 or name_each else ""
         engine = read_flags(spec.engine_args, which)
         source = classify_model(spec.source)
         if source.kind == "gcs":
@@ -133,6 +134,10 @@ def shared_engine_env(config: Config, pinned_front: bool) -> dict[str, str]:
     return {**config.engine_env, **env}
 
 
+def _names_itself(args: list[str]) -> bool:
+    return any(a.split("=", 1)[0] == "--served-model-name" for a in args)
+
+
 def engine_workers(
     models: list[ServedModel],
     plans: list[list[placement.Placement]],
@@ -141,15 +146,17 @@ def engine_workers(
     environ: dict[str, str],
     config: Config,
     taken: Iterable[int] = (),
+    others: int = 0,
 ) -> list[EngineWorker]:
     """The engines of `models`, numbered from the lowest replica numbers not `taken`.
 
-    `config.engine_env`: every engine's environment (shared_engine_env)."""
+    `config.engine_env`: every engine's environment (shared_engine_env); `others`: the
+    engines that keep running beside these (an update's), which share the KV budget."""
     taken = set(taken)
     count = sum(len(p) for p in plans)
     replicas = iter(free_replicas(set(taken), count))
     ports_left = iter(ports)
-    kv_budget = cpu_kv_budget(environ, count + len(taken))
+    kv_budget = cpu_kv_budget(environ, count + others)
     workers: list[EngineWorker] = []
     for model, plan in zip(models, plans, strict=True):
         numbered = [dataclasses.replace(p, replica=next(replicas)) for p in plan]
@@ -158,7 +165,7 @@ def engine_workers(
             [next(ports_left) for _ in numbered],
             python,
             model.model,
-            model.name,  # before the flags: a --served-model-name among them wins
+            None if _names_itself(model.spec.engine_args) else model.name,
             [*model.spec.engine_args, *model.extra_args],
             environ,
             {**config.engine_env, **model.spec.env},
