@@ -112,14 +112,14 @@ ROWS: list[tuple[str, list[PanelSpec]]] = [
             PanelSpec(
                 "Time to first token",
                 "s",
-                _quantiles("vllm:time_to_first_token_seconds"),
-                "vLLM's own histogram, every engine.",
+                _quantiles("vllm:time_to_first_token_seconds", "model_name"),
+                "vLLM's own histogram, every engine, by model.",
             ),
             PanelSpec(
                 "Inter-token latency",
                 "s",
-                _quantiles("vllm:inter_token_latency_seconds"),
-                "vLLM's own histogram, every engine.",
+                _quantiles("vllm:inter_token_latency_seconds", "model_name"),
+                "vLLM's own histogram, every engine, by model.",
             ),
             PanelSpec(
                 "Front-door first byte by surface",
@@ -137,27 +137,35 @@ ROWS: list[tuple[str, list[PanelSpec]]] = [
                 "short",
                 (
                     Query("sum(vgate_requests_waiting)", "waiting (the HPA's metric)"),
-                    Query("sum(vllm:num_requests_running)", "running"),
+                    Query(
+                        "sum by (model_name) (vllm:num_requests_running)",
+                        "{{model_name}} running",
+                    ),
                 ),
                 "Requests waiting in the engines (per pod: what the HPA scales on) and running.",
             ),
             PanelSpec(
                 "KV cache usage by replica",
                 "percentunit",
-                (Query("max by (replica) (vllm:kv_cache_usage_perc)", "replica {{replica}}"),),
+                (
+                    Query(
+                        "max by (model_name, replica) (vllm:kv_cache_usage_perc)",
+                        "{{model_name}} replica {{replica}}",
+                    ),
+                ),
                 "Above 95% for long, requests queue or get preempted.",
             ),
             PanelSpec(
                 "Replicas ready and restarts",
                 "short",
                 (
-                    Query("sum by (replica) (vgate_replica_ready)", "replica {{replica}} ready"),
+                    Query("sum by (model) (vgate_replica_ready)", "{{model}} replicas ready"),
                     Query(
-                        f"sum by (replica) (increase(vgate_engine_restarts_total[{RATE}]))",
-                        "replica {{replica}} restarts",
+                        f"sum by (model) (increase(vgate_engine_restarts_total[{RATE}]))",
+                        "{{model}} restarts",
                     ),
                 ),
-                "1 while a replica is ready; restarts are unexpected engine exits.",
+                "Ready replicas of each model; restarts are unexpected engine exits.",
             ),
         ],
     ),

@@ -32,6 +32,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 # The deployment's own environment, which Google's YAML entries repeat.
 DEPLOY_ENV = {"MODEL_ID": "/m/model-a", "DEPLOY_SOURCE": "notebook"}
 PER_SURFACE = 20
+PAUSE_S = 0.25  # between two requests of one client of the load
 
 
 def cohost_args(models: list[str], names: list[str], port: int, host: str = "0.0.0.0") -> list[str]:
@@ -216,7 +217,9 @@ def test_a_config_that_cannot_work_is_refused_whole(cohost: Cohost) -> None:
 
 @dataclass
 class AlphaLoad:
-    """Requests to the kept model from two threads, on both surfaces, until stopped."""
+    """Requests to the kept model from two threads, on both surfaces, until stopped: a
+    steady stream with a pause between requests, so the update's own work (vLLM's parser)
+    gets some of the two cores too."""
 
     base: str
     failures: list[str] = field(default_factory=list)
@@ -234,6 +237,7 @@ class AlphaLoad:
                 self.done += 1
             else:
                 self.failures.append(f"{path}: {status} {str(answer)[:200]}")
+            self._stop.wait(PAUSE_S)
 
     def __enter__(self) -> AlphaLoad:
         self._threads = [

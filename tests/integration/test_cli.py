@@ -99,10 +99,16 @@ REFUSALS: list[tuple[list[str], dict[str, str], str]] = [
     ),
     (["--enforce-eager", "org/m"], {}, "'org/m' is not a flag: give the model first"),
     (["org/m", "--model", "org/n"], {}, "the model is given twice"),
+    # Several models: a list of the wrong length, one line before anything starts.
     (
-        ["--model-replicas=4,2"],
+        ["--model", "/m/a,/m/b", "--replicas", "1,2,3"],
         {},
-        "--model-replicas: '4,2': vgate serves one model per container",
+        "--replicas: 3 values for 2 models: give one per model, comma-separated, or one for all",
+    ),
+    (
+        ["--model=/m/a,/m/b", "--served-model-name=a,b,c"],
+        {},
+        "--served-model-name: 3 values for 2 models ('a,b,c')",
     ),
 ]
 

@@ -168,7 +168,7 @@ def test_the_download_program_reports_progress_and_marks_the_model_ready(
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / fetch_model.JOB_FILE).write_text(
-        json.dumps({"uri": uri, "dest": str(dest), "workers": 2})
+        json.dumps([{"uri": uri, "dest": str(dest), "workers": 2}])
     )
     with FaultyFront(storage_url, latency_s=0.5).running() as front:  # slow enough to report
         out = subprocess.run(

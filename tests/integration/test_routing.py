@@ -142,6 +142,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path,
             "cpu",
             "--routing",
             "prefix",
+            # Any name but the model's is an adapter of it (the tests' "adapter-x").
+            "--enable-lora",
         ],
         {},
     )
