@@ -36,8 +36,8 @@ class ReplicaState:
     model: str = ""  # the name it serves (its --served-model-name)
 
     def public(self) -> dict[str, object]:
-        """As /health shows it: the cause only when there is one."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """As /health shows it: the cause (and the model) only when there is one."""
+        return {k: v for k, v in asdict(self).items() if v is not None and v != ""}
 
 
 def write_state(path: Path, replicas: list[ReplicaState], now: float | None = None) -> None:

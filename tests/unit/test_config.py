@@ -12,7 +12,7 @@ from gateway.config import Config, ConfigError, resolve
 def test_defaults() -> None:
     config = resolve([], {})
     assert config == Config()
-    assert config.port == 8080 and config.model is None and config.engine_args == []
+    assert config.port == 8080 and config.models == [] and config.engine_args == []
 
 
 def test_flag_beats_vgate_env_beats_aip_env() -> None:
@@ -23,10 +23,10 @@ def test_flag_beats_vgate_env_beats_aip_env() -> None:
 
 
 def test_model_from_aip_storage_uri_then_model_id() -> None:
-    assert resolve([], {"AIP_STORAGE_URI": "gs://b/m", "MODEL_ID": "org/x"}).model == "gs://b/m"
-    assert resolve([], {"MODEL_ID": "org/x"}).model == "org/x"
-    assert resolve([], {"AIP_STORAGE_URI": "", "MODEL_ID": "org/x"}).model == "org/x"
-    assert resolve(["--model", "/m"], {"MODEL_ID": "org/x"}).model == "/m"
+    assert resolve([], {"AIP_STORAGE_URI": "gs://b/m", "MODEL_ID": "org/x"}).models == ["gs://b/m"]
+    assert resolve([], {"MODEL_ID": "org/x"}).models == ["org/x"]
+    assert resolve([], {"AIP_STORAGE_URI": "", "MODEL_ID": "org/x"}).models == ["org/x"]
+    assert resolve(["--model", "/m"], {"MODEL_ID": "org/x"}).models == ["/m"]
 
 
 def test_vertex_routes() -> None:
@@ -66,13 +66,13 @@ def test_unknown_flags_pass_through_in_both_forms() -> None:
 
 def test_google_style_equals_forms() -> None:
     config = resolve(["--host=127.0.0.1", "--model=org/m", "--tensor-parallel-size=2"], {})
-    assert (config.host, config.model) == ("127.0.0.1", "org/m")
+    assert (config.host, config.models) == ("127.0.0.1", ["org/m"])
     assert config.engine_args == ["--tensor-parallel-size=2"]  # vLLM's, read by vLLM's parser
 
 
 def test_the_model_may_come_first_as_with_vllm_serve() -> None:
     config = resolve(["org/m", "--max-model-len", "64"], {"MODEL_ID": "org/other"})
-    assert (config.model, config.engine_args) == ("org/m", ["--max-model-len", "64"])
+    assert (config.models, config.engine_args) == (["org/m"], ["--max-model-len", "64"])
     with pytest.raises(ConfigError, match="the model is given twice"):
         resolve(["org/m", "--model", "org/n"], {})
 
@@ -115,7 +115,7 @@ def test_google_container_argument_forms() -> None:
         "--max-loras=4",
     ]
     config = resolve(argv, {"HF_TOKEN": "x"})
-    assert (config.host, config.port, config.model) == ("0.0.0.0", 7080, "/models/llama")
+    assert (config.host, config.port, config.models) == ("0.0.0.0", 7080, ["/models/llama"])
     assert config.engine_args == argv[3:]
 
 
@@ -149,3 +149,15 @@ def test_the_saved_config_has_no_key(tmp_path) -> None:
     text = (tmp_path / "c.json").read_text()
     assert "secret-key" not in text
     assert Config.load(tmp_path / "c.json").api_keys == []
+
+
+def test_several_models_and_their_lists() -> None:
+    config = resolve(
+        ["--model", "/m/a,/m/b", "--replicas", "1,2", "--gpu-memory-partition", "0.45,0.45"], {}
+    )
+    assert config.models == ["/m/a", "/m/b"]
+    assert (config.replicas, config.gpu_memory_partition) == ([1, 2], [0.45, 0.45])
+    assert resolve(["--model", "/m/a", "--model", "/m/b"], {}).models == ["/m/a", "/m/b"]
+    for flag, value in (("--replicas", "1,x"), ("--gpu-memory-partition", "0.5,1.5")):
+        with pytest.raises(ConfigError, match=f"^{flag}: invalid value"):
+            resolve(["--model", "/m/a,/m/b", flag, value], {})

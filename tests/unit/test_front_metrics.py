@@ -89,13 +89,13 @@ def test_the_run_dirs_figures(tmp_path: Path) -> None:
     (adapter / COMPLETE).write_text("sql")
     got = _samples(
         [
-            restarts_family(tmp_path, [0, 1]),
+            restarts_family(tmp_path, {0: "alpha", 1: "beta"}),
             *download_families(tmp_path),
             *lora_cache_families(cache, 4096),
         ]
     )
-    assert got[_key("vgate_engine_restarts_total", replica="0")] == 0
-    assert got[_key("vgate_engine_restarts_total", replica="1")] == 2
+    assert got[_key("vgate_engine_restarts_total", replica="0", model="alpha")] == 0
+    assert got[_key("vgate_engine_restarts_total", replica="1", model="beta")] == 2
     assert got[_key("vgate_model_download_bytes", kind="done")] == 5
     assert got[_key("vgate_model_download_bytes", kind="total")] == 10
     assert got[_key("vgate_lora_cache_adapters")] == 1

@@ -2,6 +2,8 @@
 
 import pytest
 
+from engine.model_set import split_models
+from gateway.config import resolve
 from gateway.control.google_args import QUIET_STATS_INTERVAL_S, host_kv_offload, translate
 
 # The notebook's deploy_model_vllm, as Vertex appends it to the entrypoint.
@@ -68,7 +70,8 @@ def test_a_module_that_is_not_vllms_is_left_alone() -> None:
         (["--model-replicas=4"], ["--replicas=4"]),
         (["--total_gpus=8"], []),
         (["--total-gpus", "8"], []),
-        (["--gpu-memory-partition=0.4"], ["--gpu-memory-utilization=0.4"]),
+        (["--gpu-memory-partition=0.4"], ["--gpu-memory-partition=0.4"]),
+        (["--model-replicas=4,2"], ["--replicas=4,2"]),
         (["--swap-space", "16", "--seed=1"], ["--seed=1"]),
         (["--disable-log-requests"], []),
         (["--tool-call-parser=vertex-llama-3"], ["--tool-call-parser=llama3_json"]),
@@ -104,10 +107,26 @@ def test_every_mapped_or_dropped_flag_says_so_once() -> None:
     ]
 
 
-@pytest.mark.parametrize("flag", ["--model-replicas=4,2", "--gpu-memory-partition=0.4,0.4"])
-def test_several_models_in_one_container_are_refused(flag: str) -> None:
-    with pytest.raises(ValueError, match="one model per container"):
-        translate([flag])
+COHOST = [
+    "python", "-m", "vllm.entrypoints.model_cohost_server", "--host=0.0.0.0", "--port=8080",
+    "--model=/m/model-a,/m/model-b", "--gpu-memory-partition=0.45,0.45",
+    "--pipeline-parallel-size=1", "--tensor-parallel-size=1", "--model-replicas=1,1",
+    "--data-parallel-size=1", "--swap-space=16", "--total-gpus=1",
+    "--served-model-name=alpha,beta", "--max-model-len=1024",
+]  # fmt: skip
+
+
+def test_the_cohost_notebooks_arguments_are_two_models() -> None:
+    config = resolve(translate(COHOST).argv, {})
+    assert config.models == ["/m/model-a", "/m/model-b"]
+    assert (config.replicas, config.gpu_memory_partition) == ([1, 1], [0.45, 0.45])
+    a, b = split_models(
+        config.models, config.engine_args, config.replicas, config.gpu_memory_partition
+    )
+    assert "--served-model-name=alpha" in a.engine_args
+    assert "--served-model-name=beta" in b.engine_args
+    assert "--max-model-len=1024" in a.engine_args and "--data-parallel-size=1" in b.engine_args
+    assert (a.replicas, a.memory_share) == (1, 0.45)
 
 
 def test_host_kv_cache_is_vllms_kv_offloading_on_gpus_only() -> None:

@@ -42,8 +42,8 @@ def test_replica_ready_gauge() -> None:
             )
         ]
     )
-    assert 'vgate_replica_ready{device="cpu:0",replica="0"} 1.0' in text
-    assert 'vgate_replica_ready{device="cpu:1",replica="1"} 0.0' in text
+    assert 'vgate_replica_ready{device="cpu:0",model="",replica="0"} 1.0' in text
+    assert 'vgate_replica_ready{device="cpu:1",model="",replica="1"} 0.0' in text
 
 
 def test_scrapes_at_once_share_one_and_a_later_one_is_fresh() -> None:
@@ -79,8 +79,8 @@ LORA_INFO = f"""# HELP vllm:lora_requests_info Running stats on lora requests.
 def test_adapter_names_clients_chose_become_counts() -> None:
     text = _render(merge([*relabel(LORA_INFO, 0), *relabel(LORA_INFO, 1)]))
     assert "tenant" not in text and "vllm:lora_requests_info" not in text
-    assert 'vgate_lora_adapters_running{replica="0"} 2.0' in text  # the newest series
-    assert 'vgate_lora_adapters_waiting{replica="1"} 1.0' in text
+    assert 'vgate_lora_adapters_running{model="",replica="0"} 2.0' in text  # the newest series
+    assert 'vgate_lora_adapters_waiting{model="",replica="1"} 1.0' in text
     assert text.count("# TYPE vgate_lora_adapters_running gauge") == 1
 
 

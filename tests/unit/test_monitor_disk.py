@@ -41,7 +41,8 @@ def test_a_full_disk_does_not_end_the_monitor(
         await asyncio.wait_for(enough.wait(), 30)
 
     monkeypatch.setenv("VGATE_GATEWAY_WORKERS", "1")
-    monkeypatch.setattr(monitor, "load_workers", lambda path: [worker])
+    monkeypatch.setattr(monitor.EngineList, "workers", lambda self: [worker])
+    monkeypatch.setattr(monitor.EngineList, "refresh", lambda self: False)
     monkeypatch.setattr(monitor, "poll_once", poll_once)
     monkeypatch.setattr(monitor, "watch_gateways", watch_gateways)
     monkeypatch.setattr(monitor, "write_state", _full_disk)

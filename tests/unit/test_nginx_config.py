@@ -5,7 +5,9 @@ import json
 
 import pytest
 
+from engine.model_set import ModelSpec, ServedModel
 from engine.placement import plan
+from engine.vllm_args import EngineArgs
 from engine.workers import build_workers
 from gateway.config import ConfigError, resolve
 from gateway.control.nginx_config import (
@@ -45,7 +47,7 @@ def test_ipv6_host_is_bracketed(tmp_path) -> None:
 
 def test_upstream_lists_ready_engines_and_marks_the_rest_down(tmp_path) -> None:
     placements = plan("cpu", [], [0, 1], replicas=2)
-    workers = build_workers(placements, [9001, 9002], "py", "m", None, [], {})
+    workers = build_workers(placements, [9001, 9002], "py", "m", None, [], {}, name="alpha")
     text = render_upstream(workers, ready={1}, generation="42", run_dir=tmp_path)
     lines = [line.strip() for line in text.splitlines() if line.strip().startswith("server ")]
     assert lines[0].startswith("server 127.0.0.1:9001") and " down;" in lines[0]
@@ -54,7 +56,8 @@ def test_upstream_lists_ready_engines_and_marks_the_rest_down(tmp_path) -> None:
     assert "keepalive_timeout 4s;" in text  # below vLLM's 5 s
     assert text.index(BALANCING_FILE) < text.index("keepalive 64;")  # the balancer's pool
     assert 'default "42";' in text  # what the monitor waits to see after a reload
-    assert 'default "1=127.0.0.1:9002 ";' in text  # the ready engines, for the Lua balancer
+    # The ready engines and their models, for the Lua balancer.
+    assert 'default "1=127.0.0.1:9002@alpha ";' in text
 
 
 def test_routing_is_prefix_aware_where_nginx_can_be(tmp_path) -> None:
@@ -64,12 +67,20 @@ def test_routing_is_prefix_aware_where_nginx_can_be(tmp_path) -> None:
     assert routing("least-conn", ["lua.so"], cjson=True) == "least-conn"
     with pytest.raises(ConfigError, match="lua-cjson"):
         routing("prefix", ["lua.so"], cjson=False)
-    write_routing(tmp_path, "prefix", ["vgate-demo", "sql-lora"])
+    spec = ModelSpec("/m/a")
+    models = [
+        ServedModel("alpha", ["alpha", "a"], spec, "/m/a"),
+        ServedModel("beta", ["beta"], spec, "/m/b"),
+    ]
+    engine = EngineArgs(enable_lora=True, lora_modules=("sql-lora",))
+    write_routing(tmp_path, "prefix", models, engine)
     assert "balancer_by_lua_block" in (tmp_path / BALANCING_FILE).read_text()
     assert json.loads((tmp_path / ROUTING_FILE).read_text()) == {
-        "models_everywhere": ["vgate-demo", "sql-lora"]
+        "models": [{"name": "alpha", "names": ["alpha", "a"]}, {"name": "beta", "names": ["beta"]}],
+        "adapters": ["sql-lora"],
+        "lora": True,
     }
-    write_routing(tmp_path, "least-conn", [])
+    write_routing(tmp_path, "least-conn", models[:1], EngineArgs())
     assert (tmp_path / BALANCING_FILE).read_text() == "least_conn;\n"
 
 

@@ -208,7 +208,32 @@ def test_some_engine_is_always_chosen_and_the_bound_always_holds(policy) -> None
 
 def test_the_ready_engines_are_read_from_the_upstream_files_map(policy) -> None:
     m, _ = policy
-    ids, addresses = m.parse_engines("0=127.0.0.1:8001 2=127.0.0.1:8003 ")
+    ids, addresses, models = m.parse_engines("0=127.0.0.1:8001@alpha 2=127.0.0.1:8003@beta ")
     assert list(ids.values()) == [0, 2]
     assert list(addresses[2].values()) == ["127.0.0.1", 8003]
+    assert _dict(models) == {0: "alpha", 2: "beta"}
+    assert list(m.of_model(ids, models, "beta").values()) == [2]
+    assert len(m.of_model(ids, models, "gamma")) == 0
     assert len(m.parse_engines("")[0]) == 0
+
+
+def _models(lua: Any, lora: bool) -> Any:
+    m = lua.eval('require("vgate_routing_policy")')
+    settings = {
+        "models": [{"name": "alpha", "names": ["alpha", "a"]}, {"name": "beta", "names": ["beta"]}],
+        "adapters": ["sql-lora"],
+        "lora": lora,
+    }
+    return m.model_table(_table(lua, settings))
+
+
+def test_a_request_names_its_model_or_gets_the_first(policy) -> None:
+    m, lua = policy
+    t = _models(lua, lora=False)
+    assert m.resolve(t, "") == ("alpha", "") and m.resolve(t, None) == ("alpha", "")
+    assert m.resolve(t, "beta") == ("beta", "") and m.resolve(t, "a") == ("alpha", "")
+    assert m.resolve(t, "nope") == (None, None)  # without LoRA: a 404, no engine asked
+    t = _models(lua, lora=True)
+    assert m.resolve(t, "beta") == ("beta", "")
+    assert m.resolve(t, "tuned") == ("alpha", "tuned")  # an adapter of the first model's
+    assert m.resolve(t, "sql-lora") == ("alpha", "")  # every engine has it: no affinity

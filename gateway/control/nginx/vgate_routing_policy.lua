@@ -247,7 +247,7 @@ end
 -- as the upstream file lists them) -> {ids}, {id = {host, port}}, {id = model}.
 function M.parse_engines(spec)
     local ids, addresses, models = {}, {}, {}
-    for id, host, port, model in (spec or ""):gmatch("(%d+)=([^%s:]+):(%d+)@(%S+)") do
+    for id, host, port, model in (spec or ""):gmatch("(%d+)=([^%s:]+):(%d+)@(%S*)") do
         id = tonumber(id)
         ids[#ids + 1] = id
         addresses[id] = { host, tonumber(port) }
