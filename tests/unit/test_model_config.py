@@ -84,9 +84,8 @@ def test_an_update_keeps_adds_and_removes_by_model(tmp_path: Path) -> None:
     demo = str(ensure_demo_model())
     config = Config(routing="prefix", max_inflight=64, download_dir=str(tmp_path))
     started = config_specs(yaml.safe_dump([_entry(demo, "alpha"), _entry(demo, "beta")]), CONTAINER)
-    current = [
-        ServedModel(name, [name], spec, demo) for name, spec in zip(("alpha", "beta"), started, strict=True)
-    ]
+    names = ("alpha", "beta")
+    current = [ServedModel(n, [n], s, demo) for n, s in zip(names, started, strict=True)]
     workers = [
         EngineWorker(0, 9000, "cpu:0", [], model="alpha"),
         EngineWorker(1, 9001, "cpu:1", [], model="beta"),
