@@ -7,6 +7,7 @@ import concurrent.futures
 import openai
 import pytest
 
+from engine.demo_model import DEMO_MODEL_NAME
 from engine.placement import plan, usable_cpus
 from tests.e2e.conftest import MODEL_URI, VERTEX_ENV, Stack
 
@@ -29,8 +30,12 @@ def test_health_lists_each_replica_ready_with_its_device(stack: Stack) -> None:
     assert status == 200 and body["status"] == "ready"
     expected = plan("cpu", [], usable_cpus(), replicas=2)  # cpu:0 and cpu:1 on 2 cores
     assert body["replicas"] == [
-        {"replica": p.replica, "state": "ready", "device": p.label} for p in expected
+        {"replica": p.replica, "state": "ready", "device": p.label, "model": DEMO_MODEL_NAME}
+        for p in expected
     ]
+    assert body["models"] == {
+        DEMO_MODEL_NAME: {"status": "ready", "ready_replicas": 2, "replicas_total": 2}
+    }
 
 
 def test_vertex_health_and_predict_routes(stack: Stack) -> None:
